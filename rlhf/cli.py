@@ -1,0 +1,99 @@
+"""The ``rlhf`` command: ``rlhf --help`` lists the subcommands.
+
+Training stages are meant to run under ``accelerate launch scripts/<stage>.py``; ``rlhf demo``
+launches them that way on the embedded default task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sft_main(argv: list[str] | None = None) -> dict:
+    """Parse the SFT config (YAML + overrides) and run the stage."""
+    from trl import ModelConfig, SFTConfig
+
+    from .config import SFTScriptArguments, parse_stage_args
+    from .sft import run_sft
+
+    script_args, model_args, training_args = parse_stage_args([SFTScriptArguments, ModelConfig, SFTConfig], argv)
+    return run_sft(script_args, model_args, training_args)
+
+
+def cmd_data_inspect(args) -> int:
+    from .data import DataFormatError, load_records, turn_stats
+
+    status = 0
+    for path in args.paths:
+        try:
+            records, report = load_records(path, format=args.format, max_records=args.max_records)
+        except DataFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        print("\n".join(report.summary_lines()))
+        for key, value in turn_stats(records).items():
+            print(f"  {key:<18} {value}")
+        if args.json:
+            print(json.dumps({**report.to_dict(), **turn_stats(records)}, ensure_ascii=False))
+    return status
+
+
+def cmd_demo(args) -> int:
+    """The embedded default: each stage as its own ``accelerate launch`` so the same configs run on GPUs."""
+    out = os.path.abspath(args.output_dir)
+    stages = [("sft", os.path.join(REPO_ROOT, "configs", "demo", "sft.yaml"), [f"output_dir={out}/sft"])]
+    for name, config, overrides in stages:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
+               os.path.join(REPO_ROOT, "scripts", f"{name}.py"), "--config", config, *overrides, *args.overrides]
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        result = subprocess.run(cmd, env={**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "")})
+        if result.returncode:
+            print(f"stage {name} failed (exit {result.returncode})", file=sys.stderr)
+            return result.returncode
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO for dialogue models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect and validate data files").add_subparsers(dest="data_command", required=True)
+    inspect = data.add_parser("inspect", help="record counts, turn statistics and defect counts of data files")
+    inspect.add_argument("paths", nargs="+", help="local files (json, jsonl, jsonl.gz, parquet) or Hub dataset ids")
+    inspect.add_argument("--format", default="auto", help="override format detection")
+    inspect.add_argument("--max-records", type=int, default=None)
+    inspect.add_argument("--json", action="store_true", help="also print one JSON line per file")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    # stage commands hand their arguments to the stage's own config parser (see PASSTHROUGH)
+    sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
+
+    demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--num-processes", type=int, default=1)
+    demo.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+PASSTHROUGH = {"sft": sft_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in PASSTHROUGH:
+        PASSTHROUGH[argv[0]](argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

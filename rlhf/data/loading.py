@@ -1,0 +1,138 @@
+"""Load a file or Hub dataset of any supported format into the internal schema, with a report.
+
+``load_records`` is the one entry point: read -> detect format -> convert each record (errors
+collected with ``file:record: field``) -> exact de-duplication -> counts. ``split_records`` makes a
+deterministic train/eval split keyed on the prompt, so one prompt never lands in both halves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+from .formats import CONVERTERS, FORMATS, FieldError, detect_format
+from .readers import MAX_PROBLEMS_SHOWN, read_records
+from .schema import DataFormatError, LoadReport, SkipRecord, validate_conversation, where
+
+
+def load_records(
+    path: str,
+    format: str | None = None,
+    kind: str | None = None,
+    split: str = "train",
+    max_records: int | None = None,
+    dedup: bool = True,
+) -> tuple[list[dict], LoadReport]:
+    """Records of ``path`` in the internal schema and the report of what was kept, skipped and repaired.
+
+    ``format`` overrides detection (one of ``FORMATS``); ``kind`` ("sft", "preference" or "prompt")
+    checks that the data suits the stage that asked for it ("prompt": any format, reduced to prompts).
+    """
+    if format not in (None, "auto") and format not in CONVERTERS:
+        raise DataFormatError([f"{path}: unknown format {format!r}; choose one of {', '.join(FORMATS)}"])
+    raw = read_records(path, split=split, max_records=max_records)
+    fmt = format if format not in (None, "auto") else _detect(path, raw)
+    record_kind, convert = CONVERTERS[fmt]
+    if kind == "prompt" and record_kind != "prompt":
+        inner = convert
+        convert = lambda record, report: {"prompt": prompt_of(inner(record, report))}  # noqa: E731
+        record_kind = "prompt"
+    if kind and kind != record_kind:
+        raise DataFormatError(
+            [f"{path}: format {fmt!r} holds {record_kind} data, but this stage needs {kind} data"]
+        )
+    report = LoadReport(source=path, format=fmt, kind=record_kind, records_read=len(raw))
+    out, problems, seen = [], [], set()
+    for number, record in raw:
+        try:
+            converted = convert(record, report)
+        except SkipRecord as skip:
+            report.skipped[skip.reason] += 1
+            continue
+        except FieldError as e:
+            problems.append(f"{where(path, number, e.field_name)}: {e}")
+            continue
+        problems += validate_converted(converted, where(path, number))
+        if dedup:
+            key = _fingerprint(converted)
+            if key in seen:
+                report.skipped["duplicate"] += 1
+                continue
+            seen.add(key)
+        out.append(converted)
+    if problems:
+        raise DataFormatError(problems[:MAX_PROBLEMS_SHOWN], len(problems))
+    report.records_kept = len(out)
+    if not out:
+        raise DataFormatError([f"{path}: every record was skipped ({dict(report.skipped)}); nothing to train on"])
+    return out, report
+
+
+def _detect(path: str, raw: list[tuple[int, dict]]) -> str:
+    number, first = raw[0]
+    fmt = detect_format(first)
+    if fmt is None:
+        raise DataFormatError(
+            [f"{where(path, number)}: cannot tell the format from fields {sorted(first)}; "
+             f"pass --format (one of {', '.join(FORMATS)})"]
+        )
+    return fmt
+
+
+def validate_converted(record: dict, loc: str) -> list[str]:
+    if "messages" in record:
+        return validate_conversation(record["messages"], loc)
+    return [p for name in ("prompt", "chosen", "rejected") if name in record
+            for p in validate_conversation(record[name], f"{loc}: {name}")]
+
+
+def _fingerprint(record: dict) -> str:
+    return hashlib.sha1(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def prompt_of(record: dict) -> list[dict]:
+    """The prompt of a record: its ``prompt``, or a conversation up to its last assistant reply."""
+    if "prompt" in record:
+        return record["prompt"]
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def split_records(records: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic split by a hash of (seed, prompt): order-independent, and no prompt in both halves."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return list(records), []
+    train, held_out = [], []
+    for r in records:
+        digest = hashlib.sha1(f"{seed}:{json.dumps(prompt_of(r), ensure_ascii=False)}".encode()).digest()
+        (held_out if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else train).append(r)
+    if not train or not held_out:  # tiny data sets: fall back to a positional split
+        cut = max(1, round(len(records) * (1 - eval_fraction)))
+        train, held_out = list(records[:cut]), list(records[cut:])
+    return train, held_out
+
+
+def turn_stats(records: list[dict]) -> dict:
+    """Turn counts and character lengths, for ``rlhf data inspect`` and load-time summaries."""
+    turns, chars, roles, multi_turn = [], [], Counter(), 0
+    for r in records:
+        messages = r["messages"] if "messages" in r else r["prompt"] + r.get("chosen", [])
+        turns.append(len(messages))
+        chars.append(sum(len(m["content"]) for m in messages))
+        roles.update(m["role"] for m in messages)
+        multi_turn += sum(m["role"] == "user" for m in messages) > 1
+    if not turns:
+        return {}
+    return {
+        "turns_min": min(turns),
+        "turns_mean": round(sum(turns) / len(turns), 2),
+        "turns_max": max(turns),
+        "multi_turn_records": multi_turn,
+        "chars_mean": round(sum(chars) / len(chars), 1),
+        "chars_max": max(chars),
+        "messages_by_role": dict(roles),
+    }
