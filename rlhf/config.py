@@ -43,12 +43,20 @@ class SFTScriptArguments(DataArguments):
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group (one pipeline run = one group)."})
 
 
-def normalise_overrides(argv: list[str]) -> list[str]:
-    """Turn ``key=value`` overrides into ``--key value`` so argparse sees one style."""
+def normalise_overrides(argv: list[str], known: set[str] | None = None) -> list[str]:
+    """Turn ``key=value`` overrides into ``--key value`` so argparse sees one style.
+
+    With ``known`` (the parser's option names), only ``key=value`` whose key is an option is
+    converted, so a value that contains ``=`` (``--run_name a=b``) is left alone. Unknown keys are
+    converted too when they come first or after a complete option, so argparse reports them.
+    """
     out = []
     for arg in argv:
-        if not arg.startswith("-") and "=" in arg and out[-1:] != ["--config"]:
-            key, _, value = arg.partition("=")
+        key, eq, value = arg.partition("=")
+        awaiting_value = bool(out) and out[-1].startswith("--") and (known is None or out[-1] in known)
+        if not arg.startswith("-") and eq and key.isidentifier() and (
+            (known is not None and f"--{key}" in known) or not awaiting_value
+        ):
             out += [f"--{key}", value]
         else:
             out.append(arg)
@@ -59,8 +67,9 @@ def parse_stage_args(dataclass_types: list, argv: list[str] | None = None):
     """Parse ``--config FILE`` plus overrides into the given dataclasses (unknown keys raise)."""
     from trl import TrlParser
 
-    argv = normalise_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = TrlParser(dataclass_types)
+    known = {s for action in parser._actions for s in action.option_strings} | {"--config"}
+    argv = normalise_overrides(list(sys.argv[1:] if argv is None else argv), known)
     return parser.parse_args_and_config(argv)
 
 

@@ -106,6 +106,10 @@ def build_trainer(script_args: SFTScriptArguments, model_args, training_args, ru
         peft_config=peft_config,
         callbacks=[SampleGenerationCallback(tokenizer, sample_prompts, script_args.max_new_tokens, run, is_main)],
     )
+    dropped = len(train) - len(trainer.train_dataset)
+    if dropped and is_main:  # TRL drops examples truncated down to no assistant token; say so
+        print(f"warning: {dropped} of {len(train)} training conversations lost every assistant token to "
+              f"truncation at max_length={training_args.max_length} and were dropped; raise max_length to keep them")
     return trainer, tokenizer, model_path, gold_prompts
 
 
