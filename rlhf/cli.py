@@ -26,6 +26,18 @@ def sft_main(argv: list[str] | None = None) -> dict:
     return run_sft(script_args, model_args, training_args)
 
 
+def reward_main(argv: list[str] | None = None) -> dict:
+    """Parse the reward-model config (YAML + overrides) and run the stage."""
+    from trl import ModelConfig, RewardConfig
+
+    from reward_models.train import RewardScriptArguments, run_reward
+
+    from .config import parse_stage_args
+
+    script_args, model_args, training_args = parse_stage_args([RewardScriptArguments, ModelConfig, RewardConfig], argv)
+    return run_reward(script_args, model_args, training_args)
+
+
 def cmd_data_inspect(args) -> int:
     from .data import DataFormatError, load_records, turn_stats
 
@@ -74,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # stage commands hand their arguments to the stage's own config parser (see PASSTHROUGH)
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
+    sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
     demo.add_argument("--output-dir", default="runs/demo")
@@ -83,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"sft": sft_main}
+PASSTHROUGH = {"sft": sft_main, "reward": reward_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,35 +15,20 @@ import time
 from transformers import TrainerCallback
 
 from .config import SFTScriptArguments, format_config, resolved_config
-from .data import load_records, split_records
 from .data.demo_task import demo_data_paths, gold_reward
+from .data.sources import resolve_stage_data
 from .eval import generate_responses, gold_summary
 from .models import (
-    disable_dropout, ensure_pad_token, freeze_lower_layers, load_causal_lm, load_tokenizer, resolve_model_path,
+    disable_dropout,
+    ensure_pad_token,
+    freeze_lower_layers,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
 )
 from .tracking import init_wandb, log_summary, log_table
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_data(args: SFTScriptArguments, kind: str) -> tuple[list[dict], list[dict], list[dict] | None, list[str]]:
-    """(train, eval, gold-eval prompts or None, load report lines) for a stage's data arguments."""
-    gold_prompts = None
-    dataset, eval_dataset = args.dataset, args.eval_dataset
-    if dataset == "demo":
-        paths = demo_data_paths(args.demo_seed)
-        dataset = paths["sft_train"] if kind == "sft" else paths["pairs_train"]
-        eval_dataset = eval_dataset or (paths["sft_eval"] if kind == "sft" else paths["pairs_eval"])
-        gold_prompts = [r["prompt"] for r in load_records(paths["prompts_eval"], kind="prompt")[0]]
-    train, report = load_records(dataset, args.dataset_format, kind, args.dataset_split, args.max_records)
-    lines = report.summary_lines()
-    if eval_dataset:
-        held_out, eval_report = load_records(eval_dataset, args.dataset_format, kind)
-        lines += eval_report.summary_lines()
-    else:
-        train, held_out = split_records(train, args.eval_fraction, seed=args.demo_seed)
-        lines.append(f"  split: train={len(train)} eval={len(held_out)} (eval_fraction={args.eval_fraction})")
-    return train, held_out, gold_prompts, lines
 
 
 class SampleGenerationCallback(TrainerCallback):
@@ -71,7 +56,7 @@ def build_trainer(script_args: SFTScriptArguments, model_args, training_args, ru
     from datasets import Dataset
     from trl import SFTTrainer, get_peft_config
 
-    train, held_out, gold_prompts, report_lines = resolve_data(script_args, "sft")
+    train, held_out, gold_prompts, report_lines = resolve_stage_data(script_args, "sft")
     if is_main:
         print("\n".join(report_lines))
     model_path = resolve_model_path(model_args.model_name_or_path)

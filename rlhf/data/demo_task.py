@@ -24,7 +24,7 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .readers import write_jsonl
 
@@ -317,7 +317,8 @@ def write_demo_data(out_dir: str, cfg: DemoTaskConfig | None = None) -> dict[str
         "sft_train": sft_examples(cfg),
         "sft_eval": sft_examples(cfg, heldout=True, n=max(64, cfg.n_sft // 10)),
         "pairs_train": preference_pairs(cfg),
-        "pairs_eval": preference_pairs(cfg, heldout=True, n=max(200, cfg.n_pairs // 5)),
+        # held-out pairs carry the noiseless gold order: accuracy on them is accuracy against the gold reward
+        "pairs_eval": preference_pairs(replace(cfg, label_temperature=0.0), heldout=True, n=max(200, cfg.n_pairs // 5)),
         "prompts_eval": eval_prompts(cfg),
     }
     paths = {}

@@ -1,0 +1,160 @@
+"""The one way text becomes a reward: rendering (chat template, EOS, truncation side) and batched scoring.
+
+Reward-model training (``reward_models.train``), PPO and the scoring API all call ``render_item`` /
+``RewardScorer``, so the model is scored on exactly the tokens it was trained on (DESIGN principle 5).
+
+Rendering rules:
+- ``{prompt, response}``: the prompt (a string = one user turn, or messages) plus the response as an
+  assistant turn, through the tokenizer's chat template (which closes the turn with its end token).
+- ``{messages}``: the conversation through the chat template; it should end on an assistant turn.
+- ``{text}``: raw text, with EOS appended when missing (as TRL does for non-conversational data).
+- Over ``max_length`` tokens: rejected (``TooLong``), or with ``truncate=True`` cut from the *left*,
+  so the end of the response -- where the reward is read -- survives.
+The reward is read at the last non-pad token (the model's pad token is distinct from EOS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+REWARD_MEAN_KEY = "rlhf_reward_mean"
+REWARD_STD_KEY = "rlhf_reward_std"
+
+
+class TooLong(ValueError):
+    def __init__(self, n_tokens: int, max_length: int):
+        super().__init__(f"input is {n_tokens} tokens, over the model's limit of {max_length}; "
+                         "shorten it or ask for truncation (the prompt is cut from the left)")
+        self.n_tokens, self.max_length = n_tokens, max_length
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    n_tokens: int  # before truncation
+    truncated: bool
+
+
+def as_messages(item: dict) -> list[dict] | None:
+    """The conversation an item stands for (None for raw ``text`` items)."""
+    if "text" in item:
+        return None
+    if "messages" in item:
+        return list(item["messages"])
+    prompt = item["prompt"]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return prompt + [{"role": "assistant", "content": item["response"]}]
+
+
+def render_item(tokenizer, item: dict, max_length: int | None, truncate: bool = False) -> Rendered:
+    """Token ids the reward model reads for one item (see the module docstring for the rules)."""
+    messages = as_messages(item)
+    if messages is None:
+        text = item["text"]
+        if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+            text += tokenizer.eos_token
+        ids = tokenizer(text)["input_ids"]  # raw text gets the tokenizer's own BOS, if it adds one
+    else:  # the template writes any BOS itself (as apply_chat_template(tokenize=True) does)
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    if max_length is not None and n > max_length:
+        if not truncate:
+            raise TooLong(n, max_length)
+        ids = ids[n - max_length:]
+    return Rendered(ids, n, n > len(ids))
+
+
+def pair_to_ids(tokenizer, pair: dict, max_length: int | None) -> tuple[list[int], list[int], bool]:
+    """(chosen ids, rejected ids, truncated) of a preference pair, rendered as for scoring."""
+    chosen = render_item(tokenizer, {"messages": pair["prompt"] + pair["chosen"]}, max_length, truncate=True)
+    rejected = render_item(tokenizer, {"messages": pair["prompt"] + pair["rejected"]}, max_length, truncate=True)
+    return chosen.input_ids, rejected.input_ids, chosen.truncated or rejected.truncated
+
+
+def model_revision(path: str) -> str:
+    """A short content hash of a local model directory's weights and config (or the Hub revision)."""
+    if not os.path.isdir(path):
+        return path
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin", "config.json")):
+            with open(os.path.join(path, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+class RewardScorer:
+    """A sequence-classification reward model (``num_labels=1``) with its tokenizer and statistics."""
+
+    def __init__(self, model_path: str, device: str | None = None, dtype: str = "float32", max_length: int | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from rlhf.models import disable_dropout, resolve_model_path
+
+        path = resolve_model_path(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+        disable_dropout(self.model)
+        self.model.eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        config = self.model.config
+        if config.pad_token_id is None or config.pad_token_id == self.tokenizer.eos_token_id:
+            raise ValueError(f"{model_path}: reward model needs a pad token distinct from EOS (pad={config.pad_token_id})")
+        self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.mean = float(getattr(config, REWARD_MEAN_KEY, 0.0) or 0.0)
+        self.std = float(getattr(config, REWARD_STD_KEY, 1.0) or 1.0)
+        self.revision = model_revision(path)
+        self.path = path
+
+    def render(self, item: dict, truncate: bool = False) -> Rendered:
+        return render_item(self.tokenizer, item, self.max_length, truncate)
+
+    @torch.no_grad()
+    def score_ids(self, batch: list[list[int]]) -> list[float]:
+        """Raw rewards of already-rendered sequences, in one right-padded forward pass (fp32 output)."""
+        if not batch:
+            return []
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        return logits[:, 0].float().cpu().tolist()
+
+    def normalise(self, reward: float) -> float:
+        return (reward - self.mean) / self.std
+
+    def score(self, items: list[dict], truncate: bool = False, batch_size: int = 32) -> list[dict]:
+        """Score items; each result holds reward, normalised reward, token count and truncation flag."""
+        rendered = [self.render(item, truncate) for item in items]
+        rewards = []
+        for start in range(0, len(rendered), batch_size):
+            rewards += self.score_ids([r.input_ids for r in rendered[start : start + batch_size]])
+        return [
+            {"reward": r, "normalized_reward": self.normalise(r), "tokens": x.n_tokens, "truncated": x.truncated}
+            for r, x in zip(rewards, rendered)
+        ]
+
+    def info(self) -> dict:
+        return {"revision": self.revision, "max_length": self.max_length, "reward_mean": self.mean,
+                "reward_std": self.std, "path": self.path}
+
+
+def save_reward_stats(model_dir: str, mean: float, std: float) -> None:
+    """Store the training-reward statistics in the model's config.json (they travel with the model)."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config[REWARD_MEAN_KEY], config[REWARD_STD_KEY] = mean, std
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
