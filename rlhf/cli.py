@@ -57,6 +57,32 @@ def cmd_data_inspect(args) -> int:
     return status
 
 
+def cmd_eval_rm(args) -> int:
+    """Accuracy (ties count as wrong), mean margin, a per-subset table and a calibration plot."""
+    from reward_models.evaluate import calibration_plot, evaluate_pairs, print_report
+    from reward_models.scoring import RewardScorer
+
+    from .data import DataFormatError, load_records
+
+    pairs = []
+    try:
+        for path in args.data:
+            records, report = load_records(path, format=args.format, kind="preference", max_records=args.max_records)
+            print("\n".join(report.summary_lines()))
+            name = os.path.basename(path)
+            pairs += [{**r, "subset": r.get("subset") or (name if len(args.data) > 1 else "")} for r in records]
+    except DataFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
+    result = evaluate_pairs(scorer, pairs, batch_size=args.batch_size)
+    print_report(result, title=f"{args.model} (revision {scorer.revision}) on {len(pairs)} pairs")
+    print(f"calibration plot: {calibration_plot(result['margins'], args.plot)}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "margins"}))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The embedded default: each stage as its own ``accelerate launch`` so the same configs run on GPUs."""
     out = os.path.abspath(args.output_dir)
@@ -83,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-records", type=int, default=None)
     inspect.add_argument("--json", action="store_true", help="also print one JSON line per file")
     inspect.set_defaults(func=cmd_data_inspect)
+
+    eval_rm = sub.add_parser("eval-rm", help="evaluate a reward model on preference pairs")
+    eval_rm.add_argument("--model", required=True, help="reward model directory or Hub id")
+    eval_rm.add_argument("--data", required=True, nargs="+", help="preference files (several: one subset each)")
+    eval_rm.add_argument("--format", default="auto")
+    eval_rm.add_argument("--max-records", type=int, default=None)
+    eval_rm.add_argument("--max-length", type=int, default=None, help="longer pairs are cut from the left")
+    eval_rm.add_argument("--batch-size", type=int, default=32)
+    eval_rm.add_argument("--device", default=None)
+    eval_rm.add_argument("--plot", default="calibration.png", help="where to write the calibration plot (PNG)")
+    eval_rm.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    eval_rm.set_defaults(func=cmd_eval_rm)
 
     # stage commands hand their arguments to the stage's own config parser (see PASSTHROUGH)
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")

@@ -37,3 +37,24 @@ def accelerate_launch(script: str, *args: str, num_processes: int = 1, env: dict
         launch.append("--multi_gpu")
         env = {"ACCELERATE_USE_CPU": "1", **(env or {})}
     return run_cli([*launch, str(REPO / "scripts" / script), *args], timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def demo_sft(tmp_path_factory):
+    """The demo SFT stage run once, as a user runs it: (output dir, combined log)."""
+    out = tmp_path_factory.mktemp("demo") / "sft"
+    result = accelerate_launch("sft.py", "--config", str(REPO / "configs" / "demo" / "sft.yaml"), f"output_dir={out}",
+                               timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def demo_reward(demo_sft):
+    """The demo reward-model stage, initialised from the demo SFT model: (output dir, combined log)."""
+    sft_dir, _ = demo_sft
+    out = sft_dir.parent / "reward"
+    result = accelerate_launch("reward.py", "--config", str(REPO / "configs" / "demo" / "reward.yaml"),
+                               f"output_dir={out}", f"model_name_or_path={sft_dir}", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result.stdout + result.stderr

@@ -37,9 +37,8 @@ def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_sft_beats_the_untrained_model_and_stops(tmp_path):
-    out = tmp_path / "sft"
-    log = _ok(accelerate_launch("sft.py", "--config", DEMO, f"output_dir={out}", timeout=300))
+def test_demo_sft_beats_the_untrained_model_and_stops(demo_sft):
+    out, log = demo_sft
     n, before, after, eos = GOLD_LINE.search(log).groups()
     assert int(n) == 64
     assert float(after) > float(before) + 1.0, log[-2000:]
