@@ -38,6 +38,15 @@ def reward_main(argv: list[str] | None = None) -> dict:
     return run_reward(script_args, model_args, training_args)
 
 
+def ppo_main(argv: list[str] | None = None) -> dict:
+    """Parse the PPO config (YAML + overrides) and run the stage."""
+    from .config import PPOConfig, parse_stage_args
+    from .ppo.run import run_ppo
+
+    (cfg,) = parse_stage_args([PPOConfig], argv)
+    return run_ppo(cfg)
+
+
 def cmd_data_inspect(args) -> int:
     from .data import DataFormatError, load_records, turn_stats
 
@@ -125,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     # stage commands hand their arguments to the stage's own config parser (see PASSTHROUGH)
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
     sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
+    sub.add_parser("ppo", help="PPO stage in this process (under accelerate: scripts/ppo.py)")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
     demo.add_argument("--output-dir", default="runs/demo")
@@ -134,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"sft": sft_main, "reward": reward_main}
+PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,3 +84,98 @@ def resolved_config(*objs) -> dict:
 
 def format_config(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=120)
+
+
+@dataclass
+class PPOConfig(DataArguments):
+    """Everything the PPO stage reads. Batch sizes are global; derived sizes are computed once in ``derive``."""
+
+    # models
+    model_name_or_path: str = field(default="runs/demo/sft", metadata={"help": "SFT policy (Hub id or path)."})
+    ref_model: str | None = field(default=None, metadata={"help": "Frozen reference; default: the policy."})
+    reward_model: str | None = field(default=None, metadata={"help": "Local reward model path (num_labels=1)."})
+    reward_url: str | None = field(default=None, metadata={"help": "Scoring API base URL instead of a local RM."})
+    reward_function: str | None = field(default=None, metadata={"help": "'gold' (demo task) or 'module:function'."})
+    critic_model: str | None = field(default=None, metadata={"help": "Critic init; default: the reward model."})
+    topology: str = field(default="separate", metadata={
+        "help": "separate (full policy + critic from the RM) | lora (one base: policy and critic adapters) | shared "
+                "(one backbone, policy head + value head)", "choices": ("separate", "lora", "shared")})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: peft's choice per architecture."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
+    # rollout
+    batch_size: int = field(default=64, metadata={"help": "Prompts per PPO step, over all processes."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Longer prompts are cut from the left."})
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_tokens: list[str] | None = field(default=None, metadata={"help": "Default: the tokenizer's EOS."})
+    missing_stop_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a reply with no stop token."})
+    reward_normalization: bool = field(default=True, metadata={"help": "Normalise RM scores with the RM's stored mean/std."})
+    whiten_rewards: bool = False
+    # PPO
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    gradient_accumulation_steps: int = 1
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3")})
+    adaptive_kl: bool = False
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    ratio_check_tolerance: float = field(default=1e-3, metadata={"help": "Max |ratio-1| on the first minibatch."})
+    # PPO-ptx (InstructGPT): an SFT loss on demonstrations against forgetting
+    ptx_coef: float = 0.0
+    ptx_dataset: str | None = field(default=None, metadata={"help": "SFT data for PPO-ptx; 'demo' = demo SFT data."})
+    ptx_batch_size: int = 16
+    # optimisation
+    learning_rate: float = 1e-5
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "Default: learning_rate."})
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
+    warmup_steps: int = 0
+    total_steps: int = 100
+    seed: int = 0
+    # logging, evaluation, checkpoints
+    output_dir: str = "runs/demo/ppo"
+    logging_steps: int = 1
+    sample_every: int = 10
+    num_samples: int = 4
+    eval_prompts: int = 64
+    eval_temperature: float = 1.0
+    save_every: int = 0
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    report_to: str = field(default="wandb", metadata={"choices": ("wandb", "none")})
+    run_name: str = "ppo"
+    wandb_project: str = "rlhf"
+    wandb_group: str | None = None
+
+    def derive(self, world_size: int) -> "PPODerived":
+        """Per-process batch sizes, checked once: every split must be exact."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world_size} processes")
+        local = self.batch_size // world_size
+        if local % self.num_minibatches:
+            raise ValueError(f"per-process batch {local} must be divisible by num_minibatches={self.num_minibatches}")
+        minibatch = local // self.num_minibatches
+        if minibatch % self.gradient_accumulation_steps:
+            raise ValueError(f"minibatch {minibatch} must be divisible by gradient_accumulation_steps="
+                             f"{self.gradient_accumulation_steps}")
+        if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function)) != 1:
+            raise ValueError("set exactly one of reward_model, reward_url, reward_function")
+        return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps)
+
+
+@dataclass
+class PPODerived:
+    local_batch_size: int  # prompts per process per step
+    local_minibatch_size: int  # sequences per optimiser step per process
+    micro_batch_size: int  # sequences per forward/backward

@@ -1,0 +1,1 @@
+"""Our PPO: pure math (math.py), KL control (kl.py), models (actor_critic.py), rollouts, the trainer."""

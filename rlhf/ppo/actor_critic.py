@@ -1,0 +1,207 @@
+"""Policy, reference and critic in three topologies behind one interface.
+
+``forward(input_ids, attention_mask, position_ids) -> (logits [B, L, V], values [B, L])`` is one module
+call, so DDP sees a single forward per backward whatever the topology:
+
+- ``separate``: the full policy plus a critic loaded as a sequence-classification model from the reward
+  model (its value head starts as the RM's score head: DESIGN detail 11); the reference is a frozen copy.
+- ``lora``: one frozen base model; the policy is the ``default`` LoRA adapter, the critic a second
+  ``critic`` adapter plus a value head, the reference the base with adapters disabled (one model in memory).
+- ``shared``: one backbone with the LM head (policy) and a value head on its last hidden state.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ..models import disable_dropout, ensure_pad_token, resolve_model_path
+
+
+def _dtype(name: str):
+    return getattr(torch, name)
+
+
+def _value_head_like(score: nn.Linear | None, hidden_size: int) -> nn.Linear:
+    """A value head initialised from a reward model's score head when shapes allow, else zeros."""
+    head = nn.Linear(hidden_size, 1, bias=False)
+    with torch.no_grad():
+        if score is not None and score.weight.shape == head.weight.shape:
+            head.weight.copy_(score.weight.float())
+        else:
+            head.weight.zero_()
+    return head
+
+
+def _load_score_head(path: str | None) -> nn.Linear | None:
+    if not path:
+        return None
+    rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1)
+    return rm.score
+
+
+def _critic_as_sequence_classifier(backbone_config, backbone_state: dict, value_head: nn.Linear, pad_token_id: int):
+    """A standard ``AutoModelForSequenceClassification`` holding a backbone and a value head, for saving."""
+    critic = AutoModelForSequenceClassification.from_config(backbone_config, num_labels=1)
+    critic.config.pad_token_id = pad_token_id
+    prefix = critic.base_model_prefix + "."
+    missing, _ = critic.load_state_dict({prefix + k: v for k, v in backbone_state.items()}, strict=False)
+    if any(not m.startswith("score") for m in missing):
+        raise RuntimeError(f"critic backbone weights missing when saving: {missing[:5]}")
+    with torch.no_grad():
+        critic.score.weight.copy_(value_head.weight)
+    return critic
+
+
+class SeparateActorCritic(nn.Module):
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        if not isinstance(getattr(critic, "score", None), nn.Linear):
+            raise ValueError(f"critic {type(critic).__name__} has no `score` head to use as a value head")
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
+        return logits, self.critic.score(hidden).squeeze(-1)
+
+    def generation_model(self):
+        return self.policy
+
+    def policy_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self):
+        return [p for p in self.critic.parameters() if p.requires_grad]
+
+    def save(self, out: str, tokenizer) -> None:
+        self.policy.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        self.critic.save_pretrained(os.path.join(out, "critic"))
+        tokenizer.save_pretrained(os.path.join(out, "critic"))
+
+
+class SharedActorCritic(nn.Module):
+    def __init__(self, policy, value_head: nn.Linear):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def generation_model(self):
+        return self.policy
+
+    def policy_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self):
+        return list(self.value_head.parameters())
+
+    def save(self, out: str, tokenizer) -> None:
+        self.policy.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        state = self.policy.base_model.state_dict()
+        critic = _critic_as_sequence_classifier(self.policy.config, state, self.value_head, tokenizer.pad_token_id)
+        critic.save_pretrained(os.path.join(out, "critic"))
+        tokenizer.save_pretrained(os.path.join(out, "critic"))
+
+
+class LoraActorCritic(nn.Module):
+    """One base model, two adapters. peft's ``set_adapter`` freezes inactive adapters, so after each
+    switch the trainable set is restored: both adapters must train from the one backward pass."""
+
+    def __init__(self, peft_model, value_head: nn.Linear):
+        super().__init__()
+        self.model, self.value_head = peft_model, value_head
+        self._trainable = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+        for p in self._trainable:
+            p.requires_grad_(True)
+
+    def _use(self, adapter: str) -> None:
+        self.model.base_model.set_adapter(adapter)
+        for p in self._trainable:
+            p.requires_grad_(True)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        self._use("critic")
+        hidden = self.model(**kwargs, output_hidden_states=True).hidden_states[-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        self._use("default")
+        return self.model(**kwargs).logits, values
+
+    def generation_model(self):
+        self._use("default")
+        return self.model
+
+    def policy_parameters(self):
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and ".default." in n]
+
+    def critic_parameters(self):
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and ".critic." in n] + list(
+            self.value_head.parameters())
+
+    def save(self, out: str, tokenizer) -> None:
+        self.model.save_pretrained(out, selected_adapters=["default"])  # a peft adapter for the policy
+        tokenizer.save_pretrained(out)
+        merged = copy.deepcopy(self.model)
+        merged.base_model.set_adapter("critic")
+        merged = merged.merge_and_unload(adapter_names=["critic"])
+        critic = _critic_as_sequence_classifier(merged.config, merged.base_model.state_dict(), self.value_head,
+                                                tokenizer.pad_token_id)
+        critic.save_pretrained(os.path.join(out, "critic"))
+        tokenizer.save_pretrained(os.path.join(out, "critic"))
+
+
+@torch.no_grad()
+def reference_logits(actor_critic, ref_model, input_ids, attention_mask, position_ids):
+    """Logits of the frozen reference: a separate model, or (LoRA) the base with adapters disabled."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if ref_model is not None:
+        return ref_model(**kwargs).logits
+    with actor_critic.model.disable_adapter():
+        return actor_critic.model(**kwargs).logits
+
+
+def build_actor_critic(cfg, tokenizer):
+    """(actor_critic, ref_model or None) for ``cfg.topology``; dropout is off everywhere (DESIGN detail 3)."""
+    dtype = _dtype(cfg.dtype)
+    policy_path = resolve_model_path(cfg.model_name_or_path)
+    critic_path = cfg.critic_model or cfg.reward_model
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+    ensure_pad_token(tokenizer, policy)
+    ref = None
+    if cfg.topology in ("separate", "shared"):
+        ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.ref_model or policy_path), dtype=dtype)
+        ref.config.pad_token_id = tokenizer.pad_token_id
+        disable_dropout(ref)
+        ref.eval().requires_grad_(False)
+    if cfg.topology == "separate":
+        critic_source = resolve_model_path(critic_path or policy_path)
+        critic = AutoModelForSequenceClassification.from_pretrained(critic_source, num_labels=1, dtype=dtype)
+        critic.config.pad_token_id = tokenizer.pad_token_id
+        if critic.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            raise ValueError(f"critic {critic_source} has a smaller vocabulary than the policy's tokenizer; "
+                             "the critic reads policy tokens, so it must share the policy's tokenizer")
+        model = SeparateActorCritic(policy, critic)
+    elif cfg.topology == "shared":
+        model = SharedActorCritic(policy, _value_head_like(_load_score_head(critic_path), policy.config.hidden_size))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_target_modules,
+                    task_type="CAUSAL_LM")
+        peft_model = get_peft_model(policy, LoraConfig(**lora))
+        peft_model.add_adapter("critic", LoraConfig(**lora))
+        model = LoraActorCritic(peft_model, _value_head_like(_load_score_head(critic_path), policy.config.hidden_size))
+    disable_dropout(model)
+    return model, ref

@@ -1,0 +1,43 @@
+"""KL coefficient controllers: fixed, or adaptive towards a target KL (Ziegler et al. 2019, lm-human-preferences)."""
+
+from __future__ import annotations
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon).
+
+    ``current_kl`` is the mean per-sequence KL of the last rollout; ``n_steps`` the number of
+    episodes (sequences) it covered, so the horizon is measured in episodes as in the paper.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def make_kl_controller(kl_coef: float, adaptive: bool, target: float | None, horizon: int) -> FixedKLController:
+    if adaptive:
+        if target is None:
+            raise ValueError("adaptive_kl=true needs kl_target")
+        return AdaptiveKLController(kl_coef, target, horizon)
+    return FixedKLController(kl_coef)

@@ -1,0 +1,150 @@
+"""The PPO stage: config -> prompts -> trainer -> evaluation before and after -> saved policy and critic.
+
+Logging: W&B (main process) with TRL's metric names, a local ``metrics.jsonl`` beside the outputs, a
+sample table every ``sample_every`` steps, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..config import format_config, resolved_config
+from ..data.loading import load_records
+from ..data.sources import resolve_stage_data
+from ..eval import generate_responses
+from ..models import ensure_pad_token, load_tokenizer, resolve_model_path
+from ..tracking import init_wandb, log_summary, log_table
+from . import math as ppo_math
+from .actor_critic import reference_logits
+from .rollout import encode_prompts, forward_response
+from .trainer import PPOTrainer
+
+
+@torch.no_grad()
+def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
+    """Held-out figures of the current policy: reward (RM or function), gold reward, KL to the reference,
+    response length and EOS rate. Prompts are split over processes and the figures averaged globally."""
+    acc, cfg, tok = trainer.accelerator, trainer.cfg, trainer.tokenizer
+    mine = prompts[acc.process_index :: acc.num_processes]
+    unwrapped = acc.unwrap_model(trainer.model)
+    gens = generate_responses(unwrapped.generation_model(), tok, mine, cfg.max_new_tokens, cfg.eval_temperature,
+                              seed=cfg.seed + acc.process_index)
+    rewards = trainer.reward_fn(mine, gens.responses)
+    # KL(policy || reference) of the sampled replies, summed over tokens (k1, as logged in training)
+    q_ids, q_mask, _ = encode_prompts(tok, mine, cfg.max_prompt_length, acc.device)
+    rows = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e else [])
+            for r, e in zip(gens.responses, gens.ended_with_eos)]
+    width = max(1, max(len(r) for r in rows))
+    r_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long, device=acc.device)
+    r_mask = torch.zeros_like(r_ids)
+    for i, r in enumerate(rows):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, : len(r)] = 1
+    logp, _, _ = forward_response(lambda *a: unwrapped(*a), q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature)
+    ref_fn = lambda ids, mask, pos: reference_logits(unwrapped, trainer.ref, ids, mask, pos)  # noqa: E731
+    ref_logp, _, _ = forward_response(ref_fn, q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature, with_values=False)
+    kl = ppo_math.kl_per_token(logp, ref_logp, "k1") * r_mask
+    local = {
+        "reward": sum(rewards) / len(rewards),
+        "kl": float(kl.sum(1).mean()),
+        "response_length": sum(gens.lengths) / len(gens.lengths),
+        "eos_rate": sum(gens.ended_with_eos) / len(gens.ended_with_eos),
+    }
+    if trainer.gold_fn is not None:
+        local["gold_reward"] = sum(trainer.gold_fn(mine, gens.responses)) / len(mine)
+    from ..distributed import global_means
+
+    return global_means(acc, local)
+
+
+def load_prompts(cfg) -> tuple[list[list[dict]], list[list[dict]], list[str]]:
+    """(training prompts, held-out prompts, report lines): prompts from any supported format."""
+    train, held_out, gold_prompts, lines = resolve_stage_data(cfg, "prompt")
+    train = [r["prompt"] for r in train]
+    held_out = gold_prompts or [r["prompt"] for r in held_out]
+    return train, held_out[: cfg.eval_prompts], lines
+
+
+def load_ptx(cfg, tokenizer):
+    if cfg.ptx_coef <= 0:
+        return None
+    from ..data.demo_task import demo_data_paths
+    from .ptx import tokenize_demonstrations
+
+    path = demo_data_paths(cfg.demo_seed)["sft_train"] if cfg.ptx_dataset in (None, "demo") else cfg.ptx_dataset
+    records, _ = load_records(path, kind="sft")
+    return tokenize_demonstrations(tokenizer, records, cfg.max_prompt_length + cfg.max_new_tokens)
+
+
+def print_comparison(before: dict, after: dict, start_label: str = "SFT") -> None:
+    print(f"{'held-out':<18}{start_label:>10}{'PPO':>10}")
+    for key in ("gold_reward", "reward", "kl", "response_length", "eos_rate"):
+        if key in before:
+            print(f"{key:<18}{before[key]:>10.3f}{after[key]:>10.3f}")
+
+
+def run_ppo(cfg) -> dict:
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        policy_path = resolve_model_path(cfg.model_name_or_path)
+        train_prompts, eval_prompts, lines = load_prompts(cfg)
+    tokenizer = load_tokenizer(policy_path)
+    ensure_pad_token(tokenizer)
+    trainer = PPOTrainer(cfg, train_prompts, tokenizer, load_ptx(cfg, tokenizer))
+    acc, is_main = trainer.accelerator, trainer.accelerator.is_main_process
+    config = resolved_config(cfg)
+    if is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        print("resolved config:\n" + format_config(config))
+        print("\n".join(lines))
+        print(f"prompts: {len(train_prompts)} training, {len(eval_prompts)} held out; "
+              f"per process: {trainer.sizes}")
+    run = init_wandb(cfg.output_dir, cfg.wandb_project, cfg.wandb_group, cfg.run_name, config, is_main) \
+        if cfg.report_to == "wandb" else None
+    if cfg.resume:
+        trainer.resume()
+    before = evaluate_policy(trainer, eval_prompts)
+    if is_main and not cfg.resume:
+        with open(trainer.metrics_path, "w"):
+            pass
+
+    def on_step(metrics: dict, rollout) -> None:
+        if not is_main:
+            return
+        with open(trainer.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if run is not None and metrics["step"] % cfg.logging_steps == 0:
+            run.log(metrics, step=metrics["step"])
+        if cfg.sample_every and metrics["step"] % cfg.sample_every == 0:
+            rows = [[json.dumps(p, ensure_ascii=False), r, float(s)]
+                    for p, r, s in zip(rollout.prompts, rollout.responses, rollout.scores)][: cfg.num_samples]
+            log_table(run, "samples", ["prompt", "response", "score"], rows, step=metrics["step"])
+            for _, r, s in rows[:2]:
+                tqdm_write(f"[step {metrics['step']}] score {s:+.2f}: {r!r}")
+
+    trainer.train(on_step)
+    after = evaluate_policy(trainer, eval_prompts)
+    acc.wait_for_everyone()
+    start = "resumed" if cfg.resume else "sft"  # a resumed run starts from its checkpoint, not from SFT
+    summary = {**{f"{start}/{k}": v for k, v in before.items()}, **{f"ppo/{k}": v for k, v in after.items()}}
+    if is_main:
+        acc.unwrap_model(trainer.model).save(cfg.output_dir, tokenizer)
+        print_comparison(before, after, "resumed" if cfg.resume else "SFT")
+        with open(os.path.join(cfg.output_dir, "ppo_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log_summary(run, summary)
+        if run is not None:
+            run.finish()
+    acc.wait_for_everyone()
+    return summary
+
+
+def tqdm_write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
