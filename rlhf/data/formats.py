@@ -4,15 +4,19 @@ Every converter takes a raw record and returns ``{"messages": [...]}`` (SFT form
 ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` (preference formats). It raises
 ``FieldError`` for a record that is not what its format promises (the loader turns it into a
 ``file:record: field`` message) and ``SkipRecord`` for a content defect whose documented policy is
-to skip; repairs are counted in the ``LoadReport`` passed in. The policies are listed in
-``POLICIES`` and documented in the README.
+to skip; repairs and notes go into the ``LoadReport`` passed in (a fresh one per record, so the
+loader counts *records* per reason, and only records it keeps). The policies are listed in ``POLICIES``.
+
+Converters see untrusted input: every access to a field goes through ``_get``/``_messages`` so a
+mistyped or missing value becomes a ``FieldError``, never a ``KeyError``/``TypeError``.
 """
 
 from __future__ import annotations
 
+import html
 import re
 
-from .schema import LoadReport, SkipRecord
+from .schema import LoadReport, SkipRecord, merge_same_role, no_user_text, note_long
 
 
 class FieldError(ValueError):
@@ -24,19 +28,20 @@ class FieldError(ValueError):
 # Documented defect policies: reason -> what happens. Errors (missing/mistyped fields, bad JSON,
 # non-UTF-8, empty file) are not listed: they always stop the load with file:record: field.
 POLICIES = {
-    "skipped/empty_response": "the (final) assistant response is empty or '<nooutput>': nothing to learn from",
-    "skipped/empty_prompt": "no user text at all (Alpaca instruction and input both empty)",
+    "skipped/empty_response": "the final assistant reply is empty or a placeholder ('<nooutput>', '&lt;无输出&gt;')",
+    "skipped/empty_prompt": "no user text at all (e.g. Alpaca instruction and input both empty)",
     "skipped/no_assistant_turn": "a conversation without any assistant message has no training signal",
     "skipped/unsupported_role": "tool/function messages are not supported yet",
     "skipped/identical_pair": "chosen == rejected carries no preference",
-    "skipped/prompt_mismatch": "HH-RLHF pair whose chosen and rejected transcripts differ before the last reply",
-    "skipped/no_final_response": "transcript ends on a Human turn: there is no final reply to compare",
+    "skipped/prompt_mismatch": "chosen and rejected conversations (HH-RLHF, implicit prompt) differ before the last reply",
+    "skipped/no_final_response": "a transcript ends on a Human/user turn: there is no final reply to compare",
     "skipped/prompt_not_ending_on_user": "the prompt's last turn is not a user turn, so the reply has nothing to answer",
     "skipped/duplicate": "exact duplicate of an earlier record (after conversion)",
     "repaired/placeholder_input": "Alpaca input such as 'No input', '<noinput>', 'N/A' treated as empty",
-    "repaired/merged_same_role_turns": "two turns of the same role in a row are joined with a blank line",
+    "repaired/merged_same_role_turns": "two turns of the same role in a row are joined with a blank line "
+                                       "(HH-RLHF: the spurious role marker is kept as text, so no text is lost)",
     "repaired/trailing_turns_dropped": "non-assistant turns after the last assistant reply are dropped (SFT)",
-    "repaired/prompt_prefix_stripped": "chosen/rejected repeated the prompt; the repeated prefix is removed",
+    "repaired/prompt_prefix_stripped": "chosen/rejected repeated the prompt (UltraFeedback style); the repeat is removed",
     "noted/empty_chosen": "kept: an empty reply can be the preferred one",
     "noted/empty_rejected": "kept: an empty reply is a legitimate bad response",
     "noted/long_text": "kept: a message over 2,000 characters (truncation happens at tokenization)",
@@ -45,14 +50,16 @@ POLICIES = {
 ROLE_ALIASES = {
     "system": "system",
     "user": "user", "human": "user", "prompter": "user",
+    "developer": "system",  # OpenAI's newer name for the system role
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
     "bing": "assistant", "model": "assistant", "bot": "assistant",
 }
 UNSUPPORTED_ROLES = {"tool", "function", "observation", "function_call", "ipython"}
-PLACEHOLDER_INPUTS = {"", "no input", "<noinput>", "noinput", "n/a", "na", "none", "null", "nan", "-", "no input.",
-                      "<no input>", "无", "无输入"}
-EMPTY_OUTPUTS = {"", "<nooutput>", "<no output>", "nooutput"}
-LONG_TEXT = 2000
+# compared after strip(), lower() and html.unescape() (the Chinese Alpaca has "&lt;无输出&gt;")
+PLACEHOLDER_INPUTS = {"", "no input", "no input.", "noinput", "<noinput>", "<no input>", "no input required",
+                      "n/a", "na", "none", "null", "nan", "-", "无", "无输入", "<无输入>"}
+EMPTY_OUTPUTS = {"", "<nooutput>", "<no output>", "nooutput", "no output", "no output required", "<无输出>", "无输出"}
+TEXT_PARTS = {"text", "input_text", "output_text"}  # chat completions, and the responses API
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +78,16 @@ def _get(record: dict, name: str, types, required: bool = True):
     return value
 
 
+def _key(record: dict, *names: str) -> str:
+    """The first of ``names`` the record fills (aliases, e.g. Dolly's ``response``), else the canonical one."""
+    return next((n for n in names if record.get(n) is not None), names[0])
+
+
+def _is_text_part(part: dict) -> bool:
+    kind = part.get("type", "text")
+    return isinstance(kind, str) and kind in TEXT_PARTS and isinstance(part.get("text"), str)
+
+
 def _content_text(content, field_name: str) -> str:
     """Message content as text: a string, or OpenAI-style parts ``[{"type": "text", "text": ...}]``."""
     if content is None:
@@ -82,7 +99,7 @@ def _content_text(content, field_name: str) -> str:
         for part in content:
             if isinstance(part, str):
                 texts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            elif isinstance(part, dict) and _is_text_part(part):
                 texts.append(part["text"])
             else:
                 raise FieldError(field_name, f"only text content parts are supported, got {str(part)[:60]!r}")
@@ -93,7 +110,7 @@ def _content_text(content, field_name: str) -> str:
 def _message(raw, field_name: str, role_key: str, content_key: str) -> dict:
     if not isinstance(raw, dict):
         raise FieldError(field_name, f"expected a message object, got {type(raw).__name__}")
-    role = raw.get(role_key, raw.get("role", raw.get("from")))
+    role = next((raw[k] for k in (role_key, "role", "from") if raw.get(k) is not None), None)
     if not isinstance(role, str):
         raise FieldError(f"{field_name}.{role_key}", "missing or not a string")
     key = role.strip().lower()
@@ -101,8 +118,8 @@ def _message(raw, field_name: str, role_key: str, content_key: str) -> dict:
         raise SkipRecord("unsupported_role")
     if key not in ROLE_ALIASES:
         raise FieldError(f"{field_name}.{role_key}", f"unknown role {role!r} (expected one of {sorted(ROLE_ALIASES)})")
-    content_field = content_key if content_key in raw else ("content" if "content" in raw else "value")
-    if content_field not in raw:
+    content_field = next((k for k in (content_key, "content", "value", "text") if k in raw), None)
+    if content_field is None:
         raise FieldError(f"{field_name}.{content_key}", "missing")
     return {"role": ROLE_ALIASES[key], "content": _content_text(raw[content_field], f"{field_name}.{content_field}")}
 
@@ -115,20 +132,12 @@ def _messages(raw, field_name: str, role_key="role", content_key="content") -> l
     return [_message(m, f"{field_name}[{i}]", role_key, content_key) for i, m in enumerate(raw)]
 
 
-def merge_same_role(messages: list[dict], report: LoadReport) -> list[dict]:
-    out: list[dict] = []
-    for m in messages:
-        if out and out[-1]["role"] == m["role"]:
-            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
-            report.repaired["merged_same_role_turns"] += 1
-        else:
-            out.append(dict(m))
-    return out
-
-
-def _note_long(messages: list[dict], report: LoadReport) -> None:
-    if any(len(m["content"]) > LONG_TEXT for m in messages):
-        report.noted["long_text"] += 1
+def _with_system(record: dict, messages: list[dict]) -> list[dict]:
+    """Prepend a top-level ``system`` field (LLaMA-Factory, ShareGPT dumps) unless one is already there."""
+    system = _get(record, "system", str, required=False)
+    if system and system.strip() and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,24 +154,28 @@ def finish_conversation(messages: list[dict], report: LoadReport) -> dict:
         messages = messages[: last + 1]
     if not messages[-1]["content"].strip():
         raise SkipRecord("empty_response")
-    _note_long(messages, report)
+    if no_user_text(messages):
+        raise SkipRecord("empty_prompt")
+    note_long(messages, report)
     return {"messages": messages}
+
+
+def _placeholder(text: str) -> str:
+    return html.unescape(text.strip().lower()).strip()
 
 
 def _alpaca_prompt(record: dict, report: LoadReport) -> list[dict]:
     instruction = _get(record, "instruction", str)
-    raw_input = _get(record, "input", str, required=False) or ""
-    if raw_input.strip().lower() in PLACEHOLDER_INPUTS:
+    raw_input = _get(record, _key(record, "input", "context"), str, required=False) or ""
+    if _placeholder(raw_input) in PLACEHOLDER_INPUTS:
         if raw_input.strip():
             report.repaired["placeholder_input"] += 1
         raw_input = ""
-    user = "\n\n".join(t for t in (instruction.strip(), raw_input.strip()) if t)
+    # texts are joined, never stripped: the user text must round-trip unchanged
+    user = "\n\n".join(t for t in (instruction, raw_input) if t.strip())
     if not user:
         raise SkipRecord("empty_prompt")
-    messages = []
-    system = _get(record, "system", str, required=False)
-    if system:
-        messages.append({"role": "system", "content": system})
+    messages = _with_system(record, [])
     for i, turn in enumerate(_get(record, "history", list, required=False) or []):
         if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise FieldError(f"history[{i}]", "expected a [question, answer] pair of strings")
@@ -173,8 +186,8 @@ def _alpaca_prompt(record: dict, report: LoadReport) -> list[dict]:
 
 def convert_alpaca(record: dict, report: LoadReport) -> dict:
     messages = _alpaca_prompt(record, report)
-    output = _get(record, "output", str)
-    if output.strip().lower() in EMPTY_OUTPUTS:
+    output = _get(record, _key(record, "output", "response"), str)
+    if _placeholder(output) in EMPTY_OUTPUTS:
         raise SkipRecord("empty_response")
     return finish_conversation(messages + [{"role": "assistant", "content": output}], report)
 
@@ -186,29 +199,37 @@ def convert_messages(record: dict, report: LoadReport) -> dict:
 def convert_sharegpt(record: dict, report: LoadReport) -> dict:
     key = "conversations" if "conversations" in record else "conversation"
     messages = _messages(_get(record, key, list), key, role_key="from", content_key="value")
-    system = record.get("system")
-    if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": system})
-    return finish_conversation(messages, report)
+    return finish_conversation(_with_system(record, messages), report)
 
 
-def _prompt_messages(record: dict) -> list[dict]:
-    raw = _get(record, "prompt", (str, list))
+def _looks_like_hh(text) -> bool:
+    return isinstance(text, str) and text.startswith(("\n\nHuman:", "Human:")) and "\n\nAssistant:" in text
+
+
+def _prompt_messages(record: dict, report: LoadReport) -> list[dict]:
+    raw = _get(record, "prompt", (str, list, dict))
+    if _looks_like_hh(raw):  # Dahoas/rm-static style: an HH transcript ending in "\n\nAssistant:"
+        turns = parse_hh_transcript(raw, "prompt", report)
+        if turns[-1]["role"] == "assistant" and not turns[-1]["content"].strip():
+            turns = turns[:-1]
+        return turns
     return [{"role": "user", "content": raw}] if isinstance(raw, str) else _messages(raw, "prompt")
 
 
 def convert_prompt_completion(record: dict, report: LoadReport) -> dict:
     """TRL's prompt-completion shape: ``prompt`` and ``completion`` as strings or messages."""
-    prompt = _prompt_messages(record)
-    completion = _response(_get(record, "completion", (str, list, dict)), "completion", prompt, report)
+    prompt = _with_system(record, _prompt_messages(record, report))
+    completion = _response(record, _key(record, "completion", "response"), prompt, report)
     return finish_conversation(prompt + completion, report)
 
 
 def convert_prompt_only(record: dict, report: LoadReport) -> dict:
     """Prompts for generation (PPO, evaluation): ``prompt`` as a string or messages ending on a user turn."""
-    prompt = merge_same_role(_prompt_messages(record), report)
-    if prompt[-1]["role"] != "user":
+    prompt = merge_same_role(_with_system(record, _prompt_messages(record, report)), report)
+    if not prompt or prompt[-1]["role"] != "user":
         raise SkipRecord("prompt_not_ending_on_user")
+    if no_user_text(prompt):
+        raise SkipRecord("empty_prompt")
     return {"prompt": prompt}
 
 
@@ -216,15 +237,29 @@ def convert_prompt_only(record: dict, report: LoadReport) -> dict:
 # preference formats
 
 
-def _response(raw, field_name: str, prompt: list[dict], report: LoadReport) -> list[dict]:
+def _response(record: dict, name: str, prompt: list[dict], report: LoadReport,
+              role_key: str = "role", content_key: str = "content") -> list[dict]:
+    """The assistant reply in ``record[name]``: a string, a message, or messages (maybe repeating the prompt)."""
+    raw = _get(record, name, (str, list, dict))
     if isinstance(raw, str):
+        raw_prompt = record.get("prompt")
+        if _looks_like_hh(raw_prompt) and len(raw) > len(raw_prompt) and raw.startswith(raw_prompt):
+            report.repaired["prompt_prefix_stripped"] += 1  # the whole transcript under a transcript prompt
+            raw = raw[len(raw_prompt):]
         return [{"role": "assistant", "content": raw}]
-    messages = _messages(raw, field_name)
-    if prompt and len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
-        messages = messages[len(prompt):]
-        report.repaired["prompt_prefix_stripped"] += 1
-    if not messages or any(m["role"] != "assistant" for m in messages):
-        raise FieldError(field_name, "expected the assistant response (a string or assistant messages)")
+    messages = _messages(raw, name, role_key, content_key)
+    if any(m["role"] != "assistant" for m in messages):
+        # UltraFeedback style: the reply repeats the prompt's messages (sometimes without its system turn)
+        for repeated in (prompt, [m for m in prompt if m["role"] != "system"]):
+            if repeated and len(messages) > len(repeated) and messages[: len(repeated)] == repeated:
+                messages = messages[len(repeated):]
+                report.repaired["prompt_prefix_stripped"] += 1
+                break
+    if not messages:
+        raise FieldError(name, "empty: expected the assistant response")
+    if any(m["role"] != "assistant" for m in messages):
+        raise FieldError(name, "expected the assistant response (a string or assistant messages); "
+                               "it holds other turns that do not repeat the prompt")
     return messages
 
 
@@ -232,26 +267,29 @@ def finish_pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], re
     prompt = merge_same_role(prompt, report)
     if not prompt or prompt[-1]["role"] != "user":
         raise SkipRecord("prompt_not_ending_on_user")
+    if no_user_text(prompt):
+        raise SkipRecord("empty_prompt")
     if chosen == rejected:
         raise SkipRecord("identical_pair")
     if not "".join(m["content"] for m in chosen).strip():
         report.noted["empty_chosen"] += 1
     if not "".join(m["content"] for m in rejected).strip():
         report.noted["empty_rejected"] += 1
-    _note_long(prompt + chosen + rejected, report)
+    note_long(prompt + chosen + rejected, report)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def convert_explicit_preference(record: dict, report: LoadReport) -> dict:
-    prompt = _prompt_messages(record)
-    chosen = _response(_get(record, "chosen", (str, list, dict)), "chosen", prompt, report)
-    rejected = _response(_get(record, "rejected", (str, list, dict)), "rejected", prompt, report)
+    prompt = _with_system(record, _prompt_messages(record, report))
+    chosen = _response(record, "chosen", prompt, report)
+    rejected = _response(record, "rejected", prompt, report)
     return finish_pair(prompt, chosen, rejected, report)
 
 
 def convert_implicit_preference(record: dict, report: LoadReport) -> dict:
-    chosen = _messages(_get(record, "chosen", list), "chosen")
-    rejected = _messages(_get(record, "rejected", list), "rejected")
+    """TRL's implicit-prompt shape: two whole conversations; the prompt is their shared start."""
+    chosen = merge_same_role(_messages(_get(record, "chosen", (list, dict)), "chosen"), report)
+    rejected = merge_same_role(_messages(_get(record, "rejected", (list, dict)), "rejected"), report)
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -260,52 +298,62 @@ def convert_implicit_preference(record: dict, report: LoadReport) -> dict:
         shared -= 1
     if shared == 0:
         raise SkipRecord("prompt_mismatch")
-    return finish_pair(chosen[:shared], chosen[shared:], rejected[shared:], report)
+    replies = chosen[shared:], rejected[shared:]
+    if any(not reply or reply[-1]["role"] != "assistant" for reply in replies):
+        raise SkipRecord("no_final_response")
+    if any(m["role"] != "assistant" for reply in replies for m in reply):
+        raise SkipRecord("prompt_mismatch")  # they differ before the last user turn
+    return finish_pair(chosen[:shared], *replies, report)
 
 
 def convert_alpaca_preference(record: dict, report: LoadReport) -> dict:
     prompt = _alpaca_prompt(record, report)
-    chosen = _response(_get(record, "chosen", (str, list, dict)), "chosen", prompt, report)
-    rejected = _response(_get(record, "rejected", (str, list, dict)), "rejected", prompt, report)
+    chosen = _response(record, "chosen", prompt, report)
+    rejected = _response(record, "rejected", prompt, report)
     return finish_pair(prompt, chosen, rejected, report)
 
 
 def convert_sharegpt_preference(record: dict, report: LoadReport) -> dict:
     """``dpo_zh_500`` style: the prompt in ``conversations`` (from/value), replies as strings or messages."""
-    prompt = _messages(_get(record, "conversations", list), "conversations", role_key="from", content_key="value")
-
-    def reply(name):
-        raw = _get(record, name, (str, list, dict))
-        if isinstance(raw, str):
-            return [{"role": "assistant", "content": raw}]
-        msgs = _messages(raw, name, role_key="from", content_key="value")
-        if any(m["role"] != "assistant" for m in msgs):
-            raise FieldError(name, "expected the assistant response")
-        return msgs
-
-    return finish_pair(prompt, reply("chosen"), reply("rejected"), report)
+    key = "conversations" if "conversations" in record else "conversation"
+    prompt = _with_system(record, _messages(_get(record, key, list), key, role_key="from", content_key="value"))
+    chosen = _response(record, "chosen", prompt, report, role_key="from", content_key="value")
+    rejected = _response(record, "rejected", prompt, report, role_key="from", content_key="value")
+    return finish_pair(prompt, chosen, rejected, report)
 
 
-HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+# the whole marker is captured, so a spurious one inside a turn can be put back as text
+HH_MARKER = re.compile(r"((?:^|\n\n)(Human|Assistant):[ ]?)")
 
 
-def parse_hh_transcript(text: str, field_name: str) -> list[dict]:
-    """``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` -> messages (same-role runs are merged by the caller)."""
+def parse_hh_transcript(text: str, field_name: str, report: LoadReport) -> list[dict]:
+    """``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` -> messages.
+
+    Turn text may itself contain ``\\n\\nHuman:`` (a model imitating the user); splitting there gives two
+    turns of one role in a row. They are joined back with the marker between them, so the text is exactly
+    the transcript's and only the conversation structure is repaired.
+    """
     parts = HH_MARKER.split(text)
-    if len(parts) < 3:
+    if len(parts) < 4:
         raise FieldError(field_name, "not an HH-RLHF transcript (no '\\n\\nHuman:' / '\\n\\nAssistant:' markers)")
     if parts[0].strip():
         raise FieldError(field_name, f"text before the first role marker: {parts[0][:40]!r}")
-    return [
-        {"role": "user" if role == "Human" else "assistant", "content": content}
-        for role, content in zip(parts[1::2], parts[2::2])
-    ]
+    turns: list[dict] = []
+    for marker, speaker, content in zip(parts[1::3], parts[2::3], parts[3::3]):
+        role = "user" if speaker == "Human" else "assistant"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += marker + content
+            report.repaired["merged_same_role_turns"] += 1
+        else:
+            turns.append({"role": role, "content": content})
+    return turns
 
 
 def convert_hh(record: dict, report: LoadReport) -> dict:
+    texts = {name: _get(record, name, str) for name in ("chosen", "rejected")}
     halves = {}
-    for name in ("chosen", "rejected"):
-        turns = merge_same_role(parse_hh_transcript(_get(record, name, str), name), report)
+    for name, text in texts.items():
+        turns = parse_hh_transcript(text, name, report)
         if turns[-1]["role"] != "assistant":
             raise SkipRecord("no_final_response")
         halves[name] = (turns[:-1], turns[-1:])
@@ -333,27 +381,34 @@ FORMATS = tuple(CONVERTERS)
 
 
 def detect_format(record: dict) -> str | None:
-    """The format a record looks like, from its keys (and, for chosen/rejected, their types)."""
+    """The format a record looks like, from its keys (and, for chosen/rejected, their types).
+
+    Lenient on purpose: a record that lacks one required field (``output``, ``rejected``) is still
+    recognised, so the converter can name the missing field instead of "unknown format".
+    """
+    if not isinstance(record, dict):
+        return None
     keys = set(record)
-    if {"chosen", "rejected"} <= keys:
+    if keys & {"chosen", "rejected"}:
         if "prompt" in keys:
             return "preference"
-        if "conversations" in keys:
+        if keys & {"conversations", "conversation"}:
             return "sharegpt_preference"
         if "instruction" in keys:
             return "alpaca_preference"
-        chosen = record["chosen"]
-        if isinstance(chosen, str):
+        reply = next((record[k] for k in ("chosen", "rejected") if record.get(k) is not None), None)
+        if isinstance(reply, str):
             return "hh"
-        if isinstance(chosen, list):
+        if isinstance(reply, list | dict):
             return "implicit_preference"
         return None
-    if "prompt" in keys:
-        return "prompt_completion" if "completion" in keys else "prompt"
+    # whole conversations win over a "prompt" column beside them (ultrachat_200k: prompt + messages)
     if "messages" in keys:
         return "messages"
-    if "conversations" in keys or "conversation" in keys:
+    if keys & {"conversations", "conversation"}:
         return "sharegpt"
-    if "instruction" in keys and "output" in keys:
+    if "prompt" in keys:
+        return "prompt_completion" if keys & {"completion", "response"} else "prompt"
+    if "instruction" in keys:
         return "alpaca"
     return None

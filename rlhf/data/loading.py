@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 
 from .formats import CONVERTERS, FORMATS, FieldError, detect_format
@@ -17,7 +18,7 @@ from .schema import DataFormatError, LoadReport, SkipRecord, validate_conversati
 
 
 def load_records(
-    path: str,
+    path: str | os.PathLike,
     format: str | None = None,
     kind: str | None = None,
     split: str = "train",
@@ -28,16 +29,16 @@ def load_records(
 
     ``format`` overrides detection (one of ``FORMATS``); ``kind`` ("sft", "preference" or "prompt")
     checks that the data suits the stage that asked for it ("prompt": any format, reduced to prompts).
+    Repairs and notes are counted per kept record (a record merged twice counts once).
     """
+    path = os.fspath(path)
     if format not in (None, "auto") and format not in CONVERTERS:
         raise DataFormatError([f"{path}: unknown format {format!r}; choose one of {', '.join(FORMATS)}"])
     raw = read_records(path, split=split, max_records=max_records)
     fmt = format if format not in (None, "auto") else _detect(path, raw)
     record_kind, convert = CONVERTERS[fmt]
     if kind == "prompt" and record_kind != "prompt":
-        inner = convert
-        convert = lambda record, report: {"prompt": prompt_of(inner(record, report))}  # noqa: E731
-        record_kind = "prompt"
+        convert, record_kind = _prompts_from(convert), "prompt"
     if kind and kind != record_kind:
         raise DataFormatError(
             [f"{path}: format {fmt!r} holds {record_kind} data, but this stage needs {kind} data"]
@@ -45,21 +46,27 @@ def load_records(
     report = LoadReport(source=path, format=fmt, kind=record_kind, records_read=len(raw))
     out, problems, seen = [], [], set()
     for number, record in raw:
+        scratch = LoadReport(source=path)  # this record's repairs/notes, counted only if it is kept
         try:
-            converted = convert(record, report)
+            converted = convert(record, scratch)
         except SkipRecord as skip:
             report.skipped[skip.reason] += 1
             continue
         except FieldError as e:
             problems.append(f"{where(path, number, e.field_name)}: {e}")
             continue
-        problems += validate_converted(converted, where(path, number))
+        invalid = validate_converted(converted, where(path, number))
+        if invalid:
+            problems += invalid
+            continue
         if dedup:
             key = _fingerprint(converted)
             if key in seen:
                 report.skipped["duplicate"] += 1
                 continue
             seen.add(key)
+        report.repaired.update(set(scratch.repaired))
+        report.noted.update(set(scratch.noted))
         out.append(converted)
     if problems:
         raise DataFormatError(problems[:MAX_PROBLEMS_SHOWN], len(problems))
@@ -69,15 +76,31 @@ def load_records(
     return out, report
 
 
+DETECT_SAMPLE = 100
+
+
 def _detect(path: str, raw: list[tuple[int, dict]]) -> str:
-    number, first = raw[0]
-    fmt = detect_format(first)
-    if fmt is None:
+    """The most common format among the first records: one defective first record must not decide."""
+    votes = Counter(f for f in (detect_format(r) for _, r in raw[:DETECT_SAMPLE]) if f is not None)
+    if not votes:
+        number, first = raw[0]
         raise DataFormatError(
             [f"{where(path, number)}: cannot tell the format from fields {sorted(first)}; "
              f"pass --format (one of {', '.join(FORMATS)})"]
         )
-    return fmt
+    return votes.most_common(1)[0][0]
+
+
+def _prompts_from(convert):
+    """Wrap a converter so it yields ``{"prompt": ...}`` (PPO and evaluation need prompts only)."""
+
+    def to_prompt(record: dict, report: LoadReport) -> dict:
+        prompt = prompt_of(convert(record, report))
+        if not prompt or prompt[-1]["role"] != "user":
+            raise SkipRecord("prompt_not_ending_on_user")
+        return {"prompt": prompt}
+
+    return to_prompt
 
 
 def validate_converted(record: dict, loc: str) -> list[str]:
@@ -88,7 +111,8 @@ def validate_converted(record: dict, loc: str) -> list[str]:
 
 
 def _fingerprint(record: dict) -> str:
-    return hashlib.sha1(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    # ASCII-escaped: a lone surrogate (from a JSON "\ud800" escape) cannot be encoded as UTF-8
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def prompt_of(record: dict) -> list[dict]:
@@ -96,24 +120,38 @@ def prompt_of(record: dict) -> list[dict]:
     if "prompt" in record:
         return record["prompt"]
     messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     return messages[:last]
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by a hash of (seed, prompt): order-independent, and no prompt in both halves."""
+    """Deterministic split by a hash of (seed, prompt): order-independent, and no prompt in both halves.
+
+    Each prompt draws a number in [0, 1) from its hash and goes to eval below ``eval_fraction``. On tiny
+    data sets that can leave a half empty; then the prompt with the lowest (highest) draw is moved, so
+    both halves are non-empty whenever there are two distinct prompts, and prompts still never straddle.
+    """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if eval_fraction == 0:
+    if eval_fraction == 0 or not records:
         return list(records), []
-    train, held_out = [], []
-    for r in records:
-        digest = hashlib.sha1(f"{seed}:{json.dumps(prompt_of(r), ensure_ascii=False)}".encode()).digest()
-        (held_out if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else train).append(r)
-    if not train or not held_out:  # tiny data sets: fall back to a positional split
-        cut = max(1, round(len(records) * (1 - eval_fraction)))
-        train, held_out = list(records[:cut]), list(records[cut:])
+    draws = [_draw(seed, prompt_of(r)) for r in records]
+    distinct = sorted(set(draws))
+    if len(distinct) == 1:
+        return list(records), []  # one prompt cannot be split without straddling: all of it trains
+    threshold = eval_fraction
+    if threshold <= distinct[0]:
+        threshold = distinct[1]  # nothing drawn for eval: the lowest prompt goes there
+    elif threshold > distinct[-1]:
+        threshold = distinct[-1]  # nothing left for training: the highest prompt stays there
+    held_out = [r for r, d in zip(records, draws) if d < threshold]
+    train = [r for r, d in zip(records, draws) if d >= threshold]
     return train, held_out
+
+
+def _draw(seed: int, prompt: list[dict]) -> float:
+    digest = hashlib.sha1(f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def turn_stats(records: list[dict]) -> dict:

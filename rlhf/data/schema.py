@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
+LONG_TEXT = 2000  # characters; only noted, since truncation is the tokenizer's job
 
 
 class DataFormatError(ValueError):
@@ -90,6 +91,39 @@ def validate_conversation(messages: list[dict], loc: str) -> list[str]:
     for i, m in enumerate(messages):
         if m.get("role") not in ROLES:
             problems.append(f"{loc}: message {i}: role {m.get('role')!r} is not one of {ROLES}")
-        if not isinstance(m.get("content"), str):
-            problems.append(f"{loc}: message {i}: content is {type(m.get('content')).__name__}, not a string")
+        content = m.get("content")
+        if not isinstance(content, str):
+            problems.append(f"{loc}: message {i}: content is {type(content).__name__}, not a string")
+        elif not _encodable(content):
+            # a JSON "\\ud800" escape decodes to a lone surrogate: tokenizers and UTF-8 writers reject it
+            problems.append(f"{loc}: message {i}: content holds a lone surrogate (invalid Unicode escape)")
     return problems
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def merge_same_role(messages: list[dict], report: LoadReport) -> list[dict]:
+    """Join runs of one role (chat templates want alternation), counting the repair."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+            report.repaired["merged_same_role_turns"] += 1
+        else:
+            out.append(dict(m))
+    return out
+
+
+def no_user_text(messages: list[dict]) -> bool:
+    return not any(m["content"].strip() for m in messages if m["role"] == "user")
+
+
+def note_long(messages: list[dict], report: LoadReport) -> None:
+    if any(len(m["content"]) > LONG_TEXT for m in messages):
+        report.noted["long_text"] += 1
