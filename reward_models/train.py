@@ -19,6 +19,7 @@ from trl import RewardTrainer
 
 from rlhf.config import DataArguments, format_config, resolved_config
 from rlhf.data.sources import resolve_stage_data
+from rlhf.distributed import process_state
 from rlhf.tracking import init_wandb, log_summary
 
 from .evaluate import evaluate_pairs, print_report
@@ -97,11 +98,10 @@ def reward_statistics(scorer: RewardScorer, rows: list[dict], batch_size: int = 
 
 
 def run_reward(script_args: RewardScriptArguments, model_args, training_args) -> dict:
-    from accelerate import PartialState
     from datasets import Dataset
     from trl import get_peft_config
 
-    state = PartialState()
+    state = process_state()
     is_main = state.is_main_process
     config = resolved_config(script_args, model_args, training_args)
     if is_main:

@@ -95,12 +95,19 @@ def cmd_eval_rm(args) -> int:
 def cmd_demo(args) -> int:
     """The embedded default: each stage as its own ``accelerate launch`` so the same configs run on GPUs."""
     out = os.path.abspath(args.output_dir)
-    stages = [("sft", os.path.join(REPO_ROOT, "configs", "demo", "sft.yaml"), [f"output_dir={out}/sft"])]
-    for name, config, overrides in stages:
+    configs = os.path.join(REPO_ROOT, "configs", "demo")
+    stages = [
+        ("sft", [f"output_dir={out}/sft"]),
+        ("reward", [f"output_dir={out}/reward", f"model_name_or_path={out}/sft"]),
+        ("ppo", [f"output_dir={out}/ppo", f"model_name_or_path={out}/sft", f"reward_model={out}/reward"]),
+    ]
+    for name, overrides in stages[: args.stages]:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
-               os.path.join(REPO_ROOT, "scripts", f"{name}.py"), "--config", config, *overrides, *args.overrides]
+               os.path.join(REPO_ROOT, "scripts", f"{name}.py"), "--config", os.path.join(configs, f"{name}.yaml"),
+               *overrides, *args.overrides]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
-        result = subprocess.run(cmd, env={**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "")})
+        env = {**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "")}
+        result = subprocess.run(cmd, env=env)
         if result.returncode:
             print(f"stage {name} failed (exit {result.returncode})", file=sys.stderr)
             return result.returncode
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--num-processes", type=int, default=1)
+    demo.add_argument("--stages", type=int, default=3, choices=(1, 2, 3), help="run the first N of sft, reward, ppo")
     demo.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -110,6 +110,7 @@ class PPOConfig(DataArguments):
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = field(default=0, metadata={"help": "0 = off; 1 makes sampling deterministic (tests)."})
     stop_tokens: list[str] | None = field(default=None, metadata={"help": "Default: the tokenizer's EOS."})
     missing_stop_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a reply with no stop token."})
     reward_normalization: bool = field(default=True, metadata={"help": "Normalise RM scores with the RM's stored mean/std."})
@@ -158,7 +159,13 @@ class PPOConfig(DataArguments):
     wandb_project: str = "rlhf"
     wandb_group: str | None = None
 
-    def derive(self, world_size: int) -> "PPODerived":
+    def __post_init__(self):
+        # `key=null` on the command line arrives as a string; it means "unset"
+        for name in ("ref_model", "reward_model", "reward_url", "reward_function", "critic_model", "ptx_dataset"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("null", "none", ""):
+                setattr(self, name, None)
+
+    def derive(self, world_size: int) -> PPODerived:
         """Per-process batch sizes, checked once: every split must be exact."""
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world_size} processes")

@@ -6,7 +6,18 @@ counts, so 1 process with batch 2B and 2 processes with batch B each compute the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+
+def process_state():
+    """accelerate's PartialState, honouring ACCELERATE_USE_CPU (a bare PartialState() ignores it, and being
+    a singleton, the first one created decides for the whole process: CPU DDP would silently become 2 runs)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def make_accelerator(gradient_accumulation_steps: int):
@@ -42,3 +53,23 @@ def global_means(accelerator, values: dict[str, torch.Tensor | float]) -> dict[s
 def global_sum(accelerator, value: float) -> float:
     return float(accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device),
                                     reduction="sum"))
+
+
+@contextmanager
+def unwrap_for_generation(model, accelerator):
+    """The bare model for ``generate``; under DeepSpeed ZeRO-3 its sharded parameters are gathered first.
+
+    After TRL's ``unwrap_model_for_generation`` (trl/models/utils.py), which assumes a transformers model.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield unwrapped
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(model.parameters()):
+        remove_hooks(model)
+        yield unwrapped
+        add_hooks(model)

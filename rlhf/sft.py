@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from .config import SFTScriptArguments, format_config, resolved_config
 from .data.demo_task import demo_data_paths, gold_reward
 from .data.sources import resolve_stage_data
+from .distributed import process_state
 from .eval import generate_responses, gold_summary
 from .models import (
     disable_dropout,
@@ -114,9 +115,7 @@ def evaluate_gold(model_path: str, prompts: list[list[dict]], args: SFTScriptArg
 
 def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:
     """The whole stage; returns its summary (also written to OUTPUT/sft_summary.json)."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     is_main = state.is_main_process
     with state.main_process_first():  # build the tiny model / demo data once
         resolve_model_path(model_args.model_name_or_path)

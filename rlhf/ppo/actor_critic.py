@@ -46,8 +46,9 @@ def _load_score_head(path: str | None) -> nn.Linear | None:
 
 def _critic_as_sequence_classifier(backbone_config, backbone_state: dict, value_head: nn.Linear, pad_token_id: int):
     """A standard ``AutoModelForSequenceClassification`` holding a backbone and a value head, for saving."""
-    critic = AutoModelForSequenceClassification.from_config(backbone_config, num_labels=1)
-    critic.config.pad_token_id = pad_token_id
+    config = copy.deepcopy(backbone_config)
+    config.num_labels, config.pad_token_id = 1, pad_token_id
+    critic = AutoModelForSequenceClassification.from_config(config)
     prefix = critic.base_model_prefix + "."
     missing, _ = critic.load_state_dict({prefix + k: v for k, v in backbone_state.items()}, strict=False)
     if any(not m.startswith("score") for m in missing):

@@ -29,7 +29,7 @@ class Rollout:
     prompts: list  # B prompt conversations
     responses: list  # B response texts (up to the stop token)
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         """A sub-batch (minibatch) with the same widths, so its forward pass matches the rollout's."""
         out = {}
         for f in fields(self):
@@ -83,7 +83,7 @@ def sample_responses(model, tokenizer, query_ids, query_mask, cfg, stop_ids: lis
     """Sample responses and cut them after the first stop token: (ids [B, T], mask [B, T], has_stop [B])."""
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, eos_token_id=stop_ids,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
     responses = out[:, query_ids.shape[1]:]

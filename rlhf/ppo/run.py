@@ -14,6 +14,7 @@ import torch
 from ..config import format_config, resolved_config
 from ..data.loading import load_records
 from ..data.sources import resolve_stage_data
+from ..distributed import process_state
 from ..eval import generate_responses
 from ..models import ensure_pad_token, load_tokenizer, resolve_model_path
 from ..tracking import init_wandb, log_summary, log_table
@@ -87,9 +88,7 @@ def print_comparison(before: dict, after: dict, start_label: str = "SFT") -> Non
 
 
 def run_ppo(cfg) -> dict:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():
         policy_path = resolve_model_path(cfg.model_name_or_path)
         train_prompts, eval_prompts, lines = load_prompts(cfg)

@@ -17,7 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import Progress, latest_checkpoint, save_checkpoint
-from ..distributed import global_masked_mean_var, global_means, global_sum, make_accelerator
+from ..distributed import (
+    global_masked_mean_var,
+    global_means,
+    global_sum,
+    make_accelerator,
+    unwrap_for_generation,
+)
 from . import math as ppo_math
 from .actor_critic import build_actor_critic, reference_logits
 from .kl import make_kl_controller
@@ -92,7 +98,8 @@ class PPOTrainer:
         timings = {}
         t = time.perf_counter()
         q_ids, q_mask, _ = encode_prompts(tok, prompts, cfg.max_prompt_length, acc.device)
-        r_ids, r_mask, has_stop = sample_responses(unwrapped.generation_model(), tok, q_ids, q_mask, cfg, self.stop_ids)
+        with unwrap_for_generation(self.model, acc) as bare:
+            r_ids, r_mask, has_stop = sample_responses(bare.generation_model(), tok, q_ids, q_mask, cfg, self.stop_ids)
         timings["time/generate"] = time.perf_counter() - t
         t = time.perf_counter()
         logprobs, values, _ = forward_response(self._model_fn(unwrapped), q_ids, q_mask, r_ids, r_mask, cfg.temperature)
@@ -113,7 +120,7 @@ class PPOTrainer:
         mask = ro.response_mask.float()
         for name in ("scores", "logprobs", "ref_logprobs", "values"):
             if not torch.isfinite(getattr(ro, name) * (mask if name != "scores" else 1)).all():
-                raise PPOStopError(f"non-finite {name} in the rollout of step {self.progress.step}; stopping before "
+                raise PPOStopError(f"non-finite {name} in the rollout of step {self.progress.step + 1}; stopping before "
                                    "the update (the last checkpoint is intact)")
         kl = ppo_math.kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
         rewards, non_score = ppo_math.shaped_rewards(ro.scores, kl, mask, self.kl_ctl.value)
@@ -174,7 +181,7 @@ class PPOTrainer:
             pg_loss, pg = ppo_math.policy_loss(logprobs, ro.logprobs, adv, mask, cfg.clip_range)
             if check_ratio and float(pg["ratio_max_dev"]) > cfg.ratio_check_tolerance:
                 raise PPOStopError(
-                    f"PPO ratio check failed at step {self.progress.step}: on the first minibatch, before any update, "
+                    f"PPO ratio check failed at step {self.progress.step + 1}: on the first minibatch, before any update, "
                     f"max |pi_new/pi_old - 1| = {float(pg['ratio_max_dev']):.2e} > {cfg.ratio_check_tolerance:g}. "
                     f"Likely causes: {RATIO_CAUSES}.")
             vf_loss, vf = ppo_math.value_loss(values, ro.values, returns, mask, cfg.clip_range_value)
@@ -184,7 +191,7 @@ class PPOTrainer:
             if ptx_loss is not None:
                 loss = loss + cfg.ptx_coef * ptx_loss
             if not torch.isfinite(loss):
-                raise PPOStopError(f"non-finite loss at step {self.progress.step} (policy {float(pg_loss)}, value "
+                raise PPOStopError(f"non-finite loss at step {self.progress.step + 1} (policy {float(pg_loss)}, value "
                                    f"{float(vf_loss)}); stopping before the update (the last checkpoint is intact)")
             acc.backward(loss)
         stats = {
