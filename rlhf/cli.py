@@ -115,7 +115,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO for dialogue models.")
+    parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO for dialogue models.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="inspect and validate data files").add_subparsers(dest="data_command", required=True)
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
     sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
     sub.add_parser("ppo", help="PPO stage in this process (under accelerate: scripts/ppo.py)")
+    sub.add_parser("serve", help="reward-model scoring API (same as scripts/serve_reward.py); --help for options")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
     demo.add_argument("--output-dir", default="runs/demo")
@@ -152,14 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main}
+def serve_main(argv: list[str] | None = None) -> int:
+    from reward_models.serve import main
+
+    return main(argv)
+
+
+PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in PASSTHROUGH:
-        PASSTHROUGH[argv[0]](argv[1:])
-        return 0
+        result = PASSTHROUGH[argv[0]](argv[1:])
+        return result if isinstance(result, int) else 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

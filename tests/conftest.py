@@ -58,3 +58,105 @@ def demo_reward(demo_sft):
                                f"output_dir={out}", f"model_name_or_path={sft_dir}", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# reward-model scoring API: a tiny (untrained) reward model and live servers over real HTTP
+
+API_KEY = "test-key-5f0c2b"  # handed to the auth server through the environment only
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(_isolated_environment, tmp_path_factory) -> str:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from reward_models.scoring import save_reward_stats
+    from rlhf.models import resolve_model_path
+
+    base = resolve_model_path("tiny:demo")
+    out = str(tmp_path_factory.mktemp("tiny_rm"))
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    save_reward_stats(out, 0.5, 2.0)
+    return out
+
+
+class LiveServer:
+    """``scripts/serve_reward.py`` in a subprocess on 127.0.0.1:<free port>; its output goes to a file."""
+
+    def __init__(self, model_dir: str, log_path: Path, *flags: str, env: dict | None = None):
+        self.log_path, self.url = log_path, None
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "serve_reward.py"), "--model", model_dir, "--port", "0",
+             "--threads", "1", *flags],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180.0) -> "LiveServer":
+        """Read the port the server printed, then poll /readyz until the model is warm."""
+        import re
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while self.url is None or httpx.get(f"{self.url}/readyz").status_code != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not get ready:\n{self.logs()}")
+            if self.url is None and (match := re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.logs())):
+                self.url = match[1]
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# name -> (flags, extra environment); all three start together on first use (start-up is mostly imports)
+API_SERVERS = {
+    # default limits, no key
+    "default": ((), {}),
+    # a key in a custom variable, and small limits so that every one of them is cheap to hit
+    "auth": (("--api-key-env", "RM_TEST_KEY", "--max-items", "4", "--max-body-bytes", "20000",
+              "--max-total-tokens", "300", "--max-length", "96"), {"RM_TEST_KEY": API_KEY}),
+    # a one-item queue whose batcher holds each item 1.5 s waiting for company: a second request while
+    # one is held is refused with 429, deterministically
+    "queue": (("--max-queue", "1", "--max-items", "1", "--max-batch-items", "8", "--wait-policy", "always",
+               "--max-wait-ms", "1500"), {}),
+}
+
+
+@pytest.fixture(scope="session")
+def api_servers(tiny_reward_model, tmp_path_factory):
+    servers = {name: LiveServer(tiny_reward_model, tmp_path_factory.mktemp(f"server_{name}") / "server.log", *flags,
+                                env=env) for name, (flags, env) in API_SERVERS.items()}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def reward_server(api_servers) -> LiveServer:
+    return api_servers["default"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def auth_reward_server(api_servers) -> LiveServer:
+    return api_servers["auth"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def queue_reward_server(api_servers) -> LiveServer:
+    return api_servers["queue"].wait_ready()

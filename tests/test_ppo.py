@@ -261,3 +261,19 @@ def test_demo_ppo_beats_the_sft_policy_on_gold_reward(demo_sft, demo_reward, tmp
     assert "held-out" in log and "gold_reward" in log
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_remote_reward_through_the_api_matches_the_local_reward_model(reward_server, tiny_reward_model, tmp_path):
+    from reward_models.client import RemoteRewardFunction, RewardClient
+    from rlhf.ppo.rewards import LocalRewardModel
+
+    responses = ["I have issued a full refund for your kettle.", "", "好的 🙂"] + ["x"] * (len(PROMPTS) - 3)
+    remote = RemoteRewardFunction(RewardClient(reward_server.url), normalized=True, truncate=True)
+    local = LocalRewardModel(tiny_reward_model, device="cpu")
+    assert remote(PROMPTS, responses) == pytest.approx(local(PROMPTS, responses), abs=1e-5)
+    out = tmp_path / "remote"
+    _ok(accelerate_launch("ppo.py", "--config", PPO_YAML, f"output_dir={out}",
+                          *small(f"reward_url={reward_server.url}", reward_function="null", total_steps=1)))
+    scores = _last_metrics(out)["objective/raw_scores"]
+    assert scores != 0 and scores == scores  # the API's (normalised) scores drove the step
+    assert "POST /v1/score" in reward_server.logs() or "/v1/score" in reward_server.logs()

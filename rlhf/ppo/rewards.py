@@ -47,7 +47,7 @@ def make_reward_source(cfg, device):
         from reward_models.client import RemoteRewardFunction, RewardClient
 
         client = RewardClient(cfg.reward_url, api_key=os.environ.get("RLHF_API_KEY"))
-        return RemoteRewardFunction(client, normalized=cfg.reward_normalization)
+        return RemoteRewardFunction(client, normalized=cfg.reward_normalization, truncate=True)
     return load_function(cfg.reward_function)
 
 

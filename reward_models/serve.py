@@ -1,0 +1,117 @@
+"""``python scripts/serve_reward.py --model PATH``: serve a reward model over HTTP (see ``reward_models.api``).
+
+The server listens before the model is loaded (/healthz answers at once, /readyz once the model is
+warm) and prints ``serving on http://HOST:PORT`` when it listens; ``--port 0`` picks a free port.
+The API key is read from an environment variable (``--api-key-env``, default RLHF_API_KEY), never from a
+flag: flags show up in ``ps`` and shell history. Binding beyond loopback without a key prints a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+from .api import Limits, create_app
+
+log = logging.getLogger("reward_models.serve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = Limits()
+    # no abbreviations: "--api-key SECRET" must fail, not silently mean "--api-key-env SECRET"
+    p = argparse.ArgumentParser(prog="serve_reward", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--model", required=True, help="reward model directory (or tiny:demo)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = pick a free port (printed)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-length", type=int, default=None, help="tokens per item (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per forward")
+    p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="items per forward")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long an item waits for a batch")
+    p.add_argument("--wait-policy", default=d.wait_policy, choices=("adaptive", "always"),
+                   help="adaptive: wait only when requests arrive closer than max-wait; always: always wait")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="items waiting; beyond: 429")
+    p.add_argument("--max-items", type=int, default=d.max_items, help="items per request; beyond: 413")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size; beyond: 413")
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens, help="tokens per request; beyond: 413")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 503")
+    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items,
+                    max_total_tokens=args.max_total_tokens, max_batch_tokens=args.max_batch_tokens,
+                    max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms, wait_policy=args.wait_policy,
+                    max_queue=args.max_queue, request_timeout_s=args.request_timeout, api_key_env=args.api_key_env)
+    has_key = bool(os.environ.get(args.api_key_env))
+    if not is_loopback(args.host) and not has_key:
+        log.warning("binding %s without an API key: anyone who can reach this port can use the model; "
+                    "set %s to require a bearer token", args.host, args.api_key_env)
+
+    if args.threads:  # here, in the main thread: threads started later inherit it, the loader's would not
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def load():
+        from .scoring import RewardScorer
+
+        log.info("loading %s", args.model)
+        return RewardScorer(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length)
+
+    server: uvicorn.Server | None = None
+
+    def stop():  # a server whose model failed to load only confuses its callers: exit non-zero
+        server.should_exit = True
+
+    app = create_app(load, limits, on_load_failure=stop)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP, and without it
+    # Nagle + delayed ACK add 40 ms to every answer on a keep-alive connection
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5,
+                            log_config=None)  # our basicConfig; uvicorn's access log would add client addresses
+    server = uvicorn.Server(config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{port}"
+
+    def announce():  # once uvicorn accepts connections; tests and scripts read the port from this line
+        while not (server.started or server.should_exit):
+            time.sleep(0.02)
+        if server.started:
+            print(f"serving on {url} (auth {'on' if has_key else 'off'}; ready at {url}/readyz)", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[sock])  # uvicorn's own loop set-up: uvloop/httptools when installed
+    return 1 if app.state.rm.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
