@@ -7,8 +7,19 @@ import pytest
 
 from rlhf.data import load_records
 from rlhf.data.demo_task import (
-    BEST_SCORE, INTENTS, ITEMS, DemoTaskConfig, _all_prompts, eval_prompts, gold_reward, is_heldout, make_reply,
-    parse_prompt, preference_pairs, sft_examples, write_demo_data,
+    BEST_SCORE,
+    INTENTS,
+    ITEMS,
+    DemoTaskConfig,
+    _all_prompts,
+    eval_prompts,
+    gold_reward,
+    is_heldout,
+    make_reply,
+    parse_prompt,
+    preference_pairs,
+    sft_examples,
+    write_demo_data,
 )
 
 ORDER = [{"role": "user", "content": "Where is my laptop order?"}]

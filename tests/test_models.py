@@ -6,7 +6,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
 from rlhf.models import (
-    EOS_TOKEN, PAD_TOKEN, disable_dropout, ensure_pad_token, freeze_lower_layers, load_causal_lm, load_tokenizer,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    disable_dropout,
+    ensure_pad_token,
+    freeze_lower_layers,
+    load_causal_lm,
+    load_tokenizer,
     resolve_model_path,
 )
 
