@@ -80,7 +80,7 @@ def test_prompts_are_left_padded_and_padding_does_not_change_logprobs():
     assert cut == 0 and (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()  # left padding (detail 2)
     response = torch.tensor([[7, 8, 9, tokenizer.eos_token_id]] * len(PROMPTS))
     r_mask = torch.ones_like(response)
-    fn = lambda i, m, p: model(input_ids=i, attention_mask=m, position_ids=p).logits  # noqa: E731
+    fn = lambda i, m, p, keep=0: model(input_ids=i, attention_mask=m, position_ids=p, logits_to_keep=keep).logits  # noqa: E731
     batched, _, _ = forward_response(fn, ids, mask, response, r_mask, 0.7, with_values=False)
     for row in range(len(PROMPTS)):  # the same prompt alone (no padding) gives the same logprobs
         alone = mask[row].bool()

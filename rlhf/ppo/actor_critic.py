@@ -65,8 +65,9 @@ class SeparateActorCritic(nn.Module):
         if not isinstance(getattr(critic, "score", None), nn.Linear):
             raise ValueError(f"critic {type(critic).__name__} has no `score` head to use as a value head")
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             logits_to_keep=logits_to_keep).logits
         hidden = self.critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids).last_hidden_state
         return logits, self.critic.score(hidden).squeeze(-1)
@@ -92,9 +93,9 @@ class SharedActorCritic(nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True)
+                          output_hidden_states=True, logits_to_keep=logits_to_keep)
         hidden = out.hidden_states[-1]
         return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -132,13 +133,13 @@ class LoraActorCritic(nn.Module):
         for p in self._trainable:
             p.requires_grad_(True)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         self._use("critic")
-        hidden = self.model(**kwargs, output_hidden_states=True).hidden_states[-1]
+        hidden = self.model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         self._use("default")
-        return self.model(**kwargs).logits, values
+        return self.model(**kwargs, logits_to_keep=logits_to_keep).logits, values
 
     def generation_model(self):
         self._use("default")
@@ -164,9 +165,10 @@ class LoraActorCritic(nn.Module):
 
 
 @torch.no_grad()
-def reference_logits(actor_critic, ref_model, input_ids, attention_mask, position_ids):
+def reference_logits(actor_critic, ref_model, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
     """Logits of the frozen reference: a separate model, or (LoRA) the base with adapters disabled."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  logits_to_keep=logits_to_keep)
     if ref_model is not None:
         return ref_model(**kwargs).logits
     with actor_critic.model.disable_adapter():

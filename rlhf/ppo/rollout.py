@@ -62,17 +62,22 @@ def forward_response(model_fn, query_ids, query_mask, response_ids, response_mas
                      with_values: bool = True, with_entropy: bool = False):
     """Run ``model_fn`` over prompt+response; return logprobs [B, T] (and values, entropy [B, T]).
 
-    ``model_fn(input_ids, attention_mask, position_ids)`` returns logits or (logits, values). The logits
-    at column Lq-1+t predict response token t, and the value there is that of the state before it.
+    ``model_fn(input_ids, attention_mask, position_ids, logits_to_keep)`` returns logits or (logits,
+    values). The logits at column Lq-1+t predict response token t, and the value there is that of the
+    state before it. Only the last T+1 columns of logits are computed: over a real vocabulary the
+    prompt's logits would dominate time and memory for nothing.
     """
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    out = model_fn(input_ids, attention_mask, position_ids_from(attention_mask))
-    logits, values = out if with_values else (out, None)
     start, width = query_ids.shape[1] - 1, response_ids.shape[1]
-    logits = logits[:, start : start + width]
+    out = model_fn(input_ids, attention_mask, position_ids_from(attention_mask), width + 1)
+    logits, values = out if with_values else (out, None)
+    logits = logits[:, -(width + 1) : -1]
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
-    entropy = entropy_from_logits(logits.float() / temperature) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a statistic unless the entropy bonus is on: keep it out of the graph then
+        source = logits if with_entropy == "grad" else logits.detach()
+        entropy = entropy_from_logits(source.float() / temperature)
     if values is not None:
         values = values[:, start : start + width].float()
     return logprobs, values, entropy

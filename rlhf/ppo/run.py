@@ -45,7 +45,7 @@ def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
         r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         r_mask[i, : len(r)] = 1
     logp, _, _ = forward_response(lambda *a: unwrapped(*a), q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature)
-    ref_fn = lambda ids, mask, pos: reference_logits(unwrapped, trainer.ref, ids, mask, pos)  # noqa: E731
+    ref_fn = lambda ids, mask, pos, keep: reference_logits(unwrapped, trainer.ref, ids, mask, pos, keep)  # noqa: E731
     ref_logp, _, _ = forward_response(ref_fn, q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature, with_values=False)
     kl = ppo_math.kl_per_token(logp, ref_logp, "k1") * r_mask
     local = {

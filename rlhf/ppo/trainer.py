@@ -55,7 +55,8 @@ class PPOTrainer:
         model, self.ref = build_actor_critic(cfg, tokenizer)
         groups = [{"params": model.policy_parameters(), "lr": cfg.learning_rate},
                   {"params": model.critic_parameters(), "lr": cfg.critic_learning_rate or cfg.learning_rate}]
-        optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=acc.device.type in ("cpu", "cuda"))
         updates = cfg.total_steps * cfg.ppo_epochs * cfg.num_minibatches
         # stepped by hand on each real optimiser step: accelerate's prepared scheduler would step once per process
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)
@@ -89,7 +90,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ rollout
 
     def _model_fn(self, model):
-        return lambda ids, mask, pos: model(ids, mask, pos)
+        return lambda ids, mask, pos, keep: model(ids, mask, pos, keep)
 
     @torch.no_grad()
     def rollout(self, prompts) -> tuple[Rollout, dict]:
@@ -103,7 +104,7 @@ class PPOTrainer:
         timings["time/generate"] = time.perf_counter() - t
         t = time.perf_counter()
         logprobs, values, _ = forward_response(self._model_fn(unwrapped), q_ids, q_mask, r_ids, r_mask, cfg.temperature)
-        ref_fn = lambda ids, mask, pos: reference_logits(unwrapped, self.ref, ids, mask, pos)  # noqa: E731
+        ref_fn = lambda ids, mask, pos, keep: reference_logits(unwrapped, self.ref, ids, mask, pos, keep)  # noqa: E731
         ref_logprobs, _, _ = forward_response(ref_fn, q_ids, q_mask, r_ids, r_mask, cfg.temperature, with_values=False)
         timings["time/reference"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -177,7 +178,7 @@ class PPOTrainer:
         with acc.accumulate(self.model):
             logprobs, values, entropy = forward_response(self._model_fn(self.model), ro.query_ids, ro.query_mask,
                                                          ro.response_ids, ro.response_mask, cfg.temperature,
-                                                         with_entropy=True)
+                                                         with_entropy="grad" if cfg.ent_coef else True)
             pg_loss, pg = ppo_math.policy_loss(logprobs, ro.logprobs, adv, mask, cfg.clip_range)
             if check_ratio and float(pg["ratio_max_dev"]) > cfg.ratio_check_tolerance:
                 raise PPOStopError(
