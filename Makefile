@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlhf demo --output-dir runs/demo
+	$(BIN)/rlhf pipeline --config configs/demo/pipeline.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

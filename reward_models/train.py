@@ -22,7 +22,7 @@ from rlhf.data.sources import resolve_stage_data
 from rlhf.distributed import process_state
 from rlhf.tracking import init_wandb, log_summary
 
-from .evaluate import evaluate_pairs, print_report
+from .evaluate import calibration_plot, evaluate_pairs, print_report
 from .scoring import RewardScorer, pair_to_ids, save_reward_stats
 
 
@@ -153,6 +153,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
                                     held_out)
             metrics.update({f"eval/{k}": v for k, v in report["overall"].items()})
             print_report(report, title=f"held-out preference pairs ({len(held_out)})")
+            calibration_plot(report["margins"], os.path.join(out, "calibration.png"))
             if run is not None:
                 run.log({f"eval/{k}": v for k, v in report["overall"].items()})
         print(f"reward statistics on {2 * len(sample)} training responses: mean {mean:.4f}, std {std:.4f} "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,25 +92,11 @@ def cmd_eval_rm(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The embedded default: each stage as its own ``accelerate launch`` so the same configs run on GPUs."""
-    out = os.path.abspath(args.output_dir)
-    configs = os.path.join(REPO_ROOT, "configs", "demo")
-    stages = [
-        ("sft", [f"output_dir={out}/sft"]),
-        ("reward", [f"output_dir={out}/reward", f"model_name_or_path={out}/sft"]),
-        ("ppo", [f"output_dir={out}/ppo", f"model_name_or_path={out}/sft", f"reward_model={out}/reward"]),
-    ]
-    for name, overrides in stages[: args.stages]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
-               os.path.join(REPO_ROOT, "scripts", f"{name}.py"), "--config", os.path.join(configs, f"{name}.yaml"),
-               *overrides, *args.overrides]
-        print(f"== {name}: {' '.join(cmd)}", flush=True)
-        env = {**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "")}
-        result = subprocess.run(cmd, env=env)
-        if result.returncode:
-            print(f"stage {name} failed (exit {result.returncode})", file=sys.stderr)
-            return result.returncode
-    return 0
+    """The embedded default end to end: ``rlhf pipeline --config configs/demo/pipeline.yaml``."""
+    from .pipeline import main
+
+    config = os.path.join(REPO_ROOT, "configs", "demo", "pipeline.yaml")
+    return main(["--config", config, *args.overrides])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,13 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
     sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
     sub.add_parser("ppo", help="PPO stage in this process (under accelerate: scripts/ppo.py)")
+    sub.add_parser("pipeline", help="SFT -> reward -> PPO from a pipeline YAML, then a report (--dry-run to validate)")
     sub.add_parser("serve", help="reward-model scoring API (same as scripts/serve_reward.py); --help for options")
 
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded demo task")
-    demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--num-processes", type=int, default=1)
-    demo.add_argument("--stages", type=int, default=3, choices=(1, 2, 3), help="run the first N of sft, reward, ppo")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
+    demo = sub.add_parser("demo", help="the pipeline on the embedded demo task (configs/demo/pipeline.yaml)")
+    demo.add_argument("overrides", nargs="*", help="STAGE.KEY=VALUE overrides, e.g. ppo.total_steps=10")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -160,7 +143,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
-PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main}
+def pipeline_main(argv: list[str] | None = None) -> int:
+    from .pipeline import main
+
+    return main(argv)
+
+
+PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main,
+               "pipeline": pipeline_main}
 
 
 def main(argv: list[str] | None = None) -> int:

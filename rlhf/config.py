@@ -24,9 +24,19 @@ class DataArguments:
     dataset_format: str = field(default="auto", metadata={"help": "Record format; 'auto' detects it."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from a Hub dataset."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file; else a split of `dataset`."})
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split to read when eval_dataset is on the Hub."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share held out when no eval_dataset is given."})
     max_records: int | None = field(default=None, metadata={"help": "Read at most this many records."})
     demo_seed: int = field(default=0, metadata={"help": "Seed of the generated demo task."})
+
+    def __post_init__(self):
+        # `key=null` on the command line arrives as a string; it means "unset"
+        for name in self._nullable:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("null", "none", ""):
+                setattr(self, name, None)
+
+    _nullable = ("eval_dataset", "max_records")
 
 
 @dataclass
@@ -159,11 +169,8 @@ class PPOConfig(DataArguments):
     wandb_project: str = "rlhf"
     wandb_group: str | None = None
 
-    def __post_init__(self):
-        # `key=null` on the command line arrives as a string; it means "unset"
-        for name in ("ref_model", "reward_model", "reward_url", "reward_function", "critic_model", "ptx_dataset"):
-            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("null", "none", ""):
-                setattr(self, name, None)
+    _nullable = ("eval_dataset", "ref_model", "reward_model", "reward_url", "reward_function", "critic_model",
+                 "ptx_dataset", "kl_target")
 
     def derive(self, world_size: int) -> PPODerived:
         """Per-process batch sizes, checked once: every split must be exact."""

@@ -40,24 +40,27 @@ def accelerate_launch(script: str, *args: str, num_processes: int = 1, env: dict
 
 
 @pytest.fixture(scope="session")
-def demo_sft(tmp_path_factory):
-    """The demo SFT stage run once, as a user runs it: (output dir, combined log)."""
-    out = tmp_path_factory.mktemp("demo") / "sft"
-    result = accelerate_launch("sft.py", "--config", str(REPO / "configs" / "demo" / "sft.yaml"), f"output_dir={out}",
-                               timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+def demo_pipeline(tmp_path_factory):
+    """The main job, run once as `make demo` runs it: (output dir, combined log of the three stages)."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_cli(["-m", "rlhf.cli", "pipeline", "--config", str(REPO / "configs" / "demo" / "pipeline.yaml"),
+                      "--output-dir", str(out)], timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return out, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="session")
-def demo_reward(demo_sft):
-    """The demo reward-model stage, initialised from the demo SFT model: (output dir, combined log)."""
-    sft_dir, _ = demo_sft
-    out = sft_dir.parent / "reward"
-    result = accelerate_launch("reward.py", "--config", str(REPO / "configs" / "demo" / "reward.yaml"),
-                               f"output_dir={out}", f"model_name_or_path={sft_dir}", timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out, result.stdout + result.stderr
+def demo_sft(demo_pipeline):
+    """The demo SFT stage's output dir and the pipeline's log."""
+    out, log = demo_pipeline
+    return out / "sft", log
+
+
+@pytest.fixture(scope="session")
+def demo_reward(demo_pipeline):
+    """The demo reward-model stage (initialised from the demo SFT model): output dir and log."""
+    out, log = demo_pipeline
+    return out / "reward", log
 
 
 # ---------------------------------------------------------------------------------------------

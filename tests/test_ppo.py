@@ -248,19 +248,19 @@ def test_topology_runs_and_saves_standard_outputs(tmp_path, untrained_rm, topolo
 
 
 @pytest.mark.slow
-def test_demo_ppo_beats_the_sft_policy_on_gold_reward(demo_sft, demo_reward, tmp_path):
-    sft, _ = demo_sft
-    rm, _ = demo_reward
-    out = tmp_path / "ppo"
-    log = _ok(accelerate_launch("ppo.py", "--config", PPO_YAML, f"output_dir={out}", f"model_name_or_path={sft}",
-                                f"reward_model={rm}", timeout=400))
+def test_demo_ppo_beats_the_sft_policy_on_gold_reward(demo_pipeline):
+    root, log = demo_pipeline
+    out = root / "ppo"
     summary = json.loads((out / "ppo_summary.json").read_text())
     assert summary["ppo/gold_reward"] > summary["sft/gold_reward"] + 0.4, summary
     assert summary["ppo/reward"] > summary["sft/reward"]
     assert summary["ppo/eos_rate"] >= 0.9 and 0 < summary["ppo/kl"] < 10
     assert "held-out" in log and "gold_reward" in log
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    assert AutoModelForSequenceClassification.from_pretrained(out / "critic").config.num_labels == 1
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 24 and all(name in steps[-1] for name in TRL_NAMES + OURS)
 
 
 def test_remote_reward_through_the_api_matches_the_local_reward_model(reward_server, tiny_reward_model, tmp_path):

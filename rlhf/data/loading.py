@@ -39,6 +39,8 @@ def load_records(
     record_kind, convert = CONVERTERS[fmt]
     if kind == "prompt" and record_kind != "prompt":
         convert, record_kind = _prompts_from(convert), "prompt"
+    if kind == "sft" and record_kind == "preference":  # SFT on the preferred replies (InstructGPT-style)
+        convert, record_kind = _chosen_conversations_from(convert), "sft"
     if kind and kind != record_kind:
         raise DataFormatError(
             [f"{path}: format {fmt!r} holds {record_kind} data, but this stage needs {kind} data"]
@@ -89,6 +91,18 @@ def _detect(path: str, raw: list[tuple[int, dict]]) -> str:
              f"pass --format (one of {', '.join(FORMATS)})"]
         )
     return votes.most_common(1)[0][0]
+
+
+def _chosen_conversations_from(convert):
+    """Wrap a preference converter so it yields the conversation prompt + chosen reply."""
+
+    def chosen_conversation(record: dict, report: LoadReport) -> dict:
+        pair = convert(record, report)
+        if not "".join(m["content"] for m in pair["chosen"]).strip():
+            raise SkipRecord("empty_response")
+        return {"messages": pair["prompt"] + pair["chosen"]}
+
+    return chosen_conversation
 
 
 def _prompts_from(convert):

@@ -25,7 +25,9 @@ def resolve_stage_data(args, kind: str) -> tuple[list[dict], list[dict], list[li
     train, report = load_records(dataset, args.dataset_format, kind, args.dataset_split, args.max_records)
     lines = report.summary_lines()
     if eval_dataset:
-        held_out, eval_report = load_records(eval_dataset, None if args.dataset == "demo" else args.dataset_format, kind)
+        fmt = None if args.dataset == "demo" else args.dataset_format
+        held_out, eval_report = load_records(eval_dataset, fmt, kind, getattr(args, "eval_dataset_split", "test"),
+                                             args.max_records)
         lines += eval_report.summary_lines()
     else:
         train, held_out = split_records(train, args.eval_fraction, seed=args.demo_seed)
