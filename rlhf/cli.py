@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sft", help="SFT stage in this process (under accelerate: scripts/sft.py); --help for options")
     sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
     sub.add_parser("ppo", help="PPO stage in this process (under accelerate: scripts/ppo.py)")
+    sub.add_parser("eval", help="compare a policy with a baseline on held-out prompts (RM, gold, KL, distinct-n, BLEU)")
     sub.add_parser("pipeline", help="SFT -> reward -> PPO from a pipeline YAML, then a report (--dry-run to validate)")
     sub.add_parser("serve", help="reward-model scoring API (same as scripts/serve_reward.py); --help for options")
 
@@ -149,7 +150,13 @@ def pipeline_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
-PASSTHROUGH = {"sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main,
+def eval_main(argv: list[str] | None = None) -> int:
+    from .evaluate import main
+
+    return main(argv)
+
+
+PASSTHROUGH = {"eval": eval_main, "sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main,
                "pipeline": pipeline_main}
 
 

@@ -13,6 +13,7 @@ class Generations:
     responses: list[str]
     ended_with_eos: list[bool]
     lengths: list[int]  # generated tokens, EOS included
+    token_ids: list[list[int]]  # the sampled ids up to and including EOS (re-encoding the text may differ)
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def generate_responses(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     eos_id = tokenizer.eos_token_id
-    responses, eos_flags, lengths = [], [], []
+    responses, eos_flags, lengths, token_ids = [], [], [], []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -55,11 +56,12 @@ def generate_responses(
                 responses.append(tokenizer.decode(row[: n - (eos_id in row)], skip_special_tokens=True))
                 eos_flags.append(eos_id in row)
                 lengths.append(n)
+                token_ids.append(row[:n])
     finally:
         tokenizer.padding_side = old_side
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
-    return Generations(list(prompts), responses, eos_flags, lengths)
+    return Generations(list(prompts), responses, eos_flags, lengths, token_ids)
 
 
 def gold_summary(gens: Generations, gold_fn) -> dict:

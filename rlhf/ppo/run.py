@@ -36,8 +36,7 @@ def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
     rewards = trainer.reward_fn(mine, gens.responses)
     # KL(policy || reference) of the sampled replies, summed over tokens (k1, as logged in training)
     q_ids, q_mask, _ = encode_prompts(tok, mine, cfg.max_prompt_length, acc.device)
-    rows = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if e else [])
-            for r, e in zip(gens.responses, gens.ended_with_eos)]
+    rows = gens.token_ids  # the sampled ids: decoding and re-encoding the text may give other tokens
     width = max(1, max(len(r) for r in rows))
     r_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long, device=acc.device)
     r_mask = torch.zeros_like(r_ids)
