@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reward", help="reward-model stage in this process (under accelerate: scripts/reward.py)")
     sub.add_parser("ppo", help="PPO stage in this process (under accelerate: scripts/ppo.py)")
     sub.add_parser("eval", help="compare a policy with a baseline on held-out prompts (RM, gold, KL, distinct-n, BLEU)")
+    sub.add_parser("estimate-memory", help="memory per device for a model, stage and method (no weights downloaded)")
     sub.add_parser("pipeline", help="SFT -> reward -> PPO from a pipeline YAML, then a report (--dry-run to validate)")
     sub.add_parser("serve", help="reward-model scoring API (same as scripts/serve_reward.py); --help for options")
 
@@ -156,7 +157,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
-PASSTHROUGH = {"eval": eval_main, "sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main,
+def estimate_memory_main(argv: list[str] | None = None) -> int:
+    from .memory import main
+
+    return main(argv)
+
+
+PASSTHROUGH = {"eval": eval_main, "estimate-memory": estimate_memory_main, "sft": sft_main, "reward": reward_main, "ppo": ppo_main, "serve": serve_main,
                "pipeline": pipeline_main}
 
 

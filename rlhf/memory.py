@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
 GIB = 1024**3
 
-# Architectures whose parameters _count_params reproduces exactly (checked against sum(p.numel()) in tests).
+# Architectures whose parameters count_params reproduces exactly (checked against sum(p.numel()) in tests).
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 # peft's default LoRA targets for llama/mistral/qwen2/qwen3, which the project uses when
@@ -60,7 +61,8 @@ class ModelShape:
         model_type = str(cfg.get("model_type", "unknown"))
         h = int(pick("hidden_size", "n_embd", "d_model"))
         heads = int(pick("num_attention_heads", "n_head", "num_heads"))
-        exact = model_type in LLAMA_LIKE
+        # mixture-of-experts layers hold many MLPs: not modelled, so such configs take the rough fallback
+        exact = model_type in LLAMA_LIKE and not (cfg.get("num_local_experts") or cfg.get("num_experts"))
         return cls(
             model_type=model_type, hidden_size=h,
             num_layers=int(pick("num_hidden_layers", "n_layer", "num_layers")),
@@ -114,37 +116,54 @@ def lora_params(s: ModelShape, targets=DEFAULT_LORA_TARGETS, r: int = 16) -> int
     return s.num_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
 
 
-def activation_bytes_per_token(s: ModelShape, seq: int, dtype: str, kept: tuple[str, ...], lora_r: int = 0,
-                               attn: str = "sdpa") -> float:
+def activation_bytes_per_token(s: ModelShape, seq: int, dtype: str, lora_targets: tuple[str, ...] | None = None,
+                               lora_r: int = 16, attn: str = "sdpa") -> float:
     """Bytes autograd keeps per token in one decoder layer, itemised for an HF llama-like layer.
 
-    ``kept``: the projections whose input is kept -- those with a trained weight or an adapter (a frozen
-    linear needs only its weight to pass gradients down). Full fine-tuning keeps all seven and the norm
-    inputs; LoRA only the adapted ones. Counted from what torch saves (tests check the totals).
+    ``lora_targets``: None for full fine-tuning, else the adapted projections. A linear layer keeps its
+    input only when its weight trains or it carries an adapter (a frozen one needs only its weight to
+    pass the gradient down), so LoRA keeps less. Counted from what torch saves; tests compare the two.
     """
     e = DTYPE_BYTES[dtype]
-    h, inter, qd = s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim
-    full = set(kept) == set(LINEARS)
+    h, inter = s.hidden_size, s.intermediate_size
+    qd = s.num_heads * s.head_dim
+    full = lora_targets is None
+    kept = LINEARS if full else lora_targets
+
+    def inputs(consumers, size):
+        """Bytes kept for the input these projections read."""
+        n = sum(c in kept for c in consumers)
+        if n == 0:
+            return 0
+        # peft casts the input to each fp32 adapter's dtype: one fp32 copy per adapter in half precision
+        return e * size if full or e == 4 else 4 * size * n
+
     total = 0.0
     for consumers in (("q", "k", "v"), ("gate", "up")):  # input and post-attention RMSNorm
-        total += 4 * h  # HF upcasts the residual to fp32 for the variance and keeps it
+        total += 4 * h + 4  # HF upcasts the residual to fp32 for the variance, keeps it and 1/rms
         total += e * h if full else 0  # normalised input, for the norm weight's gradient
-        total += e * h if any(c in kept for c in consumers) else 0  # norm output, for the projections
-    total += 3 * e * qd  # rotated q and k for QK^T, v for PV (k, v repeated to all heads: GQA saves none)
-    total += e * qd if "o" in kept else 0
+        total += inputs(consumers, h)
+    # rotated q and k, and v: k and v repeated to all query heads (GQA saves nothing once a padding mask
+    # is passed; transformers hands sdpa the kv heads only for unmasked batches)
+    total += 3 * e * qd
+    if attn == "eager":  # fp32 softmax probabilities, plus the half-precision copy PV reads
+        total += (4 + (e if e != 4 else 0)) * s.num_heads * seq + inputs(("o",), qd)
+    else:  # sdpa keeps its output (o_proj shares it), a log-sum-exp per head, and the padding mask it
+        # turns into an additive bias per call: seq values per token, shared by the heads
+        total += e * qd + 4 * s.num_heads + e * seq + (inputs(("o",), qd) if not full and e != 4 else 0)
     total += 3 * e * inter  # gate output (SiLU input), SiLU output, up output (both kept by the product)
-    total += e * inter if "down" in kept else 0
-    total += 4 * lora_r * sum(t in kept for t in LINEARS) if not full else 0  # adapters' r-dim outputs (fp32)
-    if attn == "eager":  # softmax probabilities, fp32, plus the half-precision copy PV reads
-        total += (4 + (e if e != 4 else 0)) * s.num_heads * seq
-    else:  # fused attention (sdpa / flash) keeps only a log-sum-exp per head
-        total += 4 * s.num_heads
+    total += inputs(("down",), inter)
+    total += 0 if full else 4 * lora_r * len(kept)  # each adapter's r-dim output (fp32)
     return total
 
 
-def logits_bytes_per_token(s: ModelShape, dtype: str) -> float:
-    """LM head output (e bytes), its fp32 log-softmax kept by the loss, and two fp32 gradients in backward."""
-    return (DTYPE_BYTES[dtype] + 12) * s.vocab_size
+def logits_bytes_per_token(s: ModelShape) -> float:
+    """The loss's fp32 log-softmax (kept for backward) and the two fp32 gradients backward makes from it.
+
+    The logits themselves (and their fp32 upcast) are dropped before backward by Trainer-style loops,
+    which keep only the loss; a loop that holds ``outputs.logits`` through backward adds e*V more.
+    """
+    return 12 * s.vocab_size
 
 
 @dataclass
@@ -166,6 +185,7 @@ class MemoryEstimate:
     gpus: int
     batch: int
     seq: int
+    grad_accum: int
     topology: str | None
     parts: list[Part]
     weights: float
@@ -196,12 +216,13 @@ def _trainable_bytes(dtype: str, adapter: bool) -> tuple[int, int]:
 def estimate(shape: ModelShape, stage: str = "sft", method: str = "full", dtype: str = "bf16", zero: int = 0,
              gpus: int = 1, batch: int = 1, seq: int = 512, lora_r: int = 16,
              lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, topology: str | None = None,
-             attn: str = "sdpa", reward_model: bool = True) -> MemoryEstimate:
+             attn: str = "sdpa", reward_model: bool = True, grad_accum: int = 1,
+             response_len: int | None = None) -> MemoryEstimate:
     """Per-device bytes for one training step of ``stage`` (docs/memory.md has the formula)."""
     if stage not in ("sft", "reward", "ppo") or method not in ("full", "lora", "qlora"):
         raise ValueError(f"unknown stage/method {stage}/{method}")
-    if not 0 <= zero <= 3 or gpus < 1 or batch < 1 or seq < 1:
-        raise ValueError("need 0 <= zero <= 3, gpus >= 1, batch >= 1, seq >= 1")
+    if not 0 <= zero <= 3 or min(gpus, batch, seq, lora_r, grad_accum) < 1:
+        raise ValueError("need 0 <= zero <= 3 and gpus, batch, seq, lora_r, grad_accum >= 1")
     unknown = set(lora_targets) - set(LINEARS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(LINEARS)}")
@@ -210,25 +231,28 @@ def estimate(shape: ModelShape, stage: str = "sft", method: str = "full", dtype:
         topology = topology or ("lora" if lora else "separate")
         if (topology == "lora") != lora:
             raise ValueError("ppo: topology 'lora' goes with --method lora/qlora, 'separate'/'shared' with full")
-    elif topology is not None:
-        raise ValueError("--topology applies to --stage ppo only")
+    elif topology is not None or response_len is not None:
+        raise ValueError("--topology and --response-len apply to --stage ppo only")
+    if response_len is not None and response_len < 1:
+        raise ValueError("response_len must be >= 1")
 
     h = shape.hidden_size
     p_lm, p_cls = count_params(shape, "lm"), count_params(shape, "score")
     p_adapter = lora_params(shape, lora_targets, lora_r) if lora else 0
     bits4 = quantisable_params(shape) if method == "qlora" else 0
-    kept = tuple(lora_targets) if lora else LINEARS
-    layer_tok = shape.num_layers * activation_bytes_per_token(shape, seq, dtype, kept, lora_r if lora else 0, attn)
-    # final norm + what the head reads, then logits for heads over the vocabulary
-    lm_tok = layer_tok + (4 + 2 * DTYPE_BYTES[dtype]) * h + logits_bytes_per_token(shape, dtype)
-    cls_tok = layer_tok + (4 + 2 * DTYPE_BYTES[dtype]) * h
+    layer_tok = shape.num_layers * activation_bytes_per_token(shape, seq, dtype, tuple(lora_targets) if lora else None,
+                                                              lora_r, attn)
+    cls_tok = layer_tok + (4 + 2 * DTYPE_BYTES[dtype]) * h  # + the final norm and what the head reads
     tokens = batch * seq
+    # the LM head's logits; ppo computes them for the response positions only (logits_to_keep)
+    logits = batch * (min(response_len, seq) if stage == "ppo" and response_len else seq) \
+        * logits_bytes_per_token(shape)
     notes = []
 
     if stage == "sft":
         parts = [Part("base (frozen)", p_lm, 0, bits4), Part("adapter", p_adapter, p_adapter)] if lora \
             else [Part("model", p_lm, p_lm)]
-        act = tokens * lm_tok
+        act = tokens * cls_tok + logits
     elif stage == "reward":  # RewardTrainer stacks chosen and rejected: 2*batch sequences per step
         parts = [Part("base (frozen)", p_cls - h, 0, bits4), Part("adapter + score head", p_adapter + h,
                                                                   p_adapter + h)] if lora \
@@ -237,18 +261,18 @@ def estimate(shape: ModelShape, stage: str = "sft", method: str = "full", dtype:
     else:
         if topology == "separate":
             parts = [Part("policy", p_lm, p_lm), Part("reference (frozen)", p_lm, 0), Part("critic", p_cls, p_cls)]
-            act = tokens * (lm_tok + cls_tok)  # policy and critic forwards live until one backward
+            act = 2 * tokens * cls_tok + logits  # policy and critic forwards live until one backward
         elif topology == "shared":
             parts = [Part("policy + value head", p_lm + h, p_lm + h), Part("reference (frozen)", p_lm, 0)]
-            act = tokens * lm_tok  # one backbone pass feeds both heads
+            act = tokens * cls_tok + logits  # one backbone pass feeds both heads
         else:
             parts = [Part("base = reference (frozen)", p_lm, 0, bits4), Part("policy adapter", p_adapter, p_adapter),
                      Part("critic adapter + value head", p_adapter + h, p_adapter + h)]
-            act = tokens * (lm_tok + cls_tok)  # the base runs twice: policy adapter, then critic adapter
+            act = 2 * tokens * cls_tok + logits  # the base runs twice: policy adapter, then critic adapter
         if reward_model:
             parts.append(Part("reward model (frozen)", p_cls, 0))
-        notes.append("ppo: rollout (generation KV cache) is not added; it precedes the update and is smaller "
-                     "at equal batch and length")
+        notes.append(f"ppo: logits for {min(response_len or seq, seq)} response tokens per sequence; rollout "
+                     "(generation KV cache) is not added: it precedes the update and is smaller at equal batch/length")
 
     weights = grads = optim = 0.0
     wbytes = DTYPE_BYTES[dtype]
@@ -262,35 +286,45 @@ def estimate(shape: ModelShape, stage: str = "sft", method: str = "full", dtype:
     optim /= gpus if zero >= 1 else 1
     grads /= gpus if zero >= 2 else 1
     weights /= gpus if zero >= 3 else 1
-    overhead = OVERHEAD_FRACTION * (weights + grads + optim + act)
+    # Backward frees each layer's activations as it produces that layer's gradients, so one micro-batch
+    # peaks near max(G, A) (measured); with gradient accumulation the gradients of the previous
+    # micro-batches are held through the next forward and backward: G + A.
+    peak = weights + optim + (grads + act if grad_accum > 1 else max(grads, act))
+    overhead = OVERHEAD_FRACTION * peak
     if not shape.exact:
-        notes.append(f"model_type {shape.model_type!r}: generic parameter count 12*L*h^2 + V*h (approximate)")
-    est = MemoryEstimate(stage, method, dtype, zero, gpus, batch, seq, topology, parts, weights, grads, optim, act,
-                         overhead, weights + grads + optim + act + overhead, notes)
+        notes.append(f"model_type {shape.model_type!r}: generic parameter count 12*L*h^2 + V*h (approximate; "
+                     "mixture-of-experts layers are not modelled)")
+    est = MemoryEstimate(stage, method, dtype, zero, gpus, batch, seq, grad_accum, topology, parts, weights, grads,
+                         optim, act, overhead, peak + overhead, notes)
     if stage == "ppo" and topology != "separate":
         est.separate_total = estimate(shape, "ppo", "full", dtype, zero, gpus, batch, seq, attn=attn,
-                                      topology="separate", reward_model=reward_model).total
+                                      topology="separate", reward_model=reward_model, grad_accum=grad_accum,
+                                      response_len=response_len).total
     return est
 
 
 def format_table(est: MemoryEstimate) -> str:
-    """The estimate as a plain-text table, GiB per device."""
-    def gib(x: float) -> str:
-        return f"{x / GIB:10.3f}"
+    """The estimate as a plain-text table per device, in GiB (MiB below 1 GiB)."""
+    unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", 2**20)
+
+    def size(x: float) -> str:
+        return f"{x / scale:14.3f}"
 
     topo = f", topology {est.topology}" if est.topology else ""
     lines = [f"stage {est.stage}, method {est.method}{topo}, {est.dtype}, ZeRO-{est.zero} over {est.gpus} GPU(s), "
-             f"batch {est.batch} x seq {est.seq} per device",
-             f"{'held on each device':<32}{'params':>14}{'trainable':>14}"]
-    lines += [f"  {p.name:<30}{p.params:>14,}{p.trainable:>14,}" for p in est.parts]
-    lines.append(f"{'component':<32}{'GiB/device':>10}")
+             f"batch {est.batch} x seq {est.seq} per device" + (f", {est.grad_accum} accumulated" if est.grad_accum > 1
+                                                                else ""),
+             f"{'models (ZeRO-3 shards them)' if est.zero == 3 else 'models':<40}{'params':>14}{'trainable':>14}"]
+    lines += [f"  {p.name:<38}{p.params:>14,}{p.trainable:>14,}" for p in est.parts]
+    lines.append(f"{'component':<40}{unit + '/device':>14}")
     for name in ("weights", "gradients", "optimizer", "activations", "overhead"):
-        lines.append(f"  {name:<30}{gib(getattr(est, name))}")
-    lines.append(f"  {'total':<30}{gib(est.total)}")
+        lines.append(f"  {name:<38}{size(getattr(est, name))}")
+    rule = "W + O + G + A" if est.grad_accum > 1 else "W + O + max(G, A)"
+    lines.append(f"  {'total = ' + rule + ' + overhead':<38}{size(est.total)}")
     if est.separate_total is not None:
         saved = est.separate_total - est.total
-        lines.append(f"  {'separate topology (full)':<30}{gib(est.separate_total)}   ({est.topology} saves "
-                     f"{saved / GIB:.3f} GiB, {100 * saved / est.separate_total:.0f}%)")
+        lines.append(f"  {'separate topology (full)':<38}{size(est.separate_total)}   ({est.topology} saves "
+                     f"{saved / scale:.3f} {unit}, {100 * saved / est.separate_total:.0f}%)")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
 
@@ -322,6 +356,8 @@ def load_config(model: str | None = None, config_json: str | None = None) -> dic
         from .models import resolve_model_path
 
         model = resolve_model_path(model)
+    elif model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(f"{model}: no such model directory")
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as e:  # offline, gated, typo: say what to do instead
@@ -345,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="data-parallel devices ZeRO shards over")
     p.add_argument("--batch", type=int, default=1, help="per-device micro-batch (reward: pairs)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (ppo: prompt + response)")
+    p.add_argument("--response-len", type=int, help="ppo: response tokens, the positions given logits (default --seq)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (>1 holds G during backward)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
@@ -360,14 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.gpus < 1 or args.batch < 1 or args.seq < 1 or args.lora_r < 1:
-        print("error: --gpus, --batch, --seq and --lora-r must be positive", file=sys.stderr)
-        return 2
     targets = LINEARS if args.lora_targets == "all" else tuple(t.strip() for t in args.lora_targets.split(","))
     try:
         shape = ModelShape.from_config(load_config(args.model, args.config_json))
         est = estimate(shape, args.stage, args.method, args.dtype, args.zero, args.gpus, args.batch, args.seq,
-                       args.lora_r, targets, args.topology, args.attn, not args.no_reward_model)
+                       args.lora_r, targets, args.topology, args.attn, not args.no_reward_model, args.grad_accum,
+                       args.response_len)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -328,11 +328,18 @@ def test_kind_prompt_reduces_any_format_to_prompts(tmp_path):
     assert pairs == [{"prompt": [user("Hi there"), assistant("Hello! How can I help?"), user("Name a fruit.")]}]
 
 
-@pytest.mark.parametrize("records, kind", [([HH_PAIR], "sft"), ([{"messages": [user("q"), assistant("a")]}], "preference"),
+@pytest.mark.parametrize("records, kind", [([{"messages": [user("q"), assistant("a")]}], "preference"),
                                            ([{"prompt": "q"}], "sft")])
 def test_kind_mismatch_is_a_clear_error(tmp_path, records, kind):
     with pytest.raises(DataFormatError, match=f"this stage needs {kind} data"):
         load(tmp_path, records, kind=kind)
+
+
+def test_preference_data_serves_sft_as_prompt_plus_chosen(tmp_path):
+    conversations, report = load(tmp_path, [HH_PAIR], "hh.jsonl", kind="sft")
+    assert report.kind == "sft"
+    pair, _ = load(tmp_path, [HH_PAIR], "hh2.jsonl", kind="preference")
+    assert conversations == [{"messages": pair[0]["prompt"] + pair[0]["chosen"]}]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,11 +49,12 @@ def test_dry_run_reports_every_problem(tmp_path):
     bad.write_text((REPO / "configs/demo/sft.yaml").read_text() + "\nlearning_rat: 1\n")
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(f"output_dir: {tmp_path}/out\nstages:\n  sft: {{config: {bad}}}\n"
-                        f"  ppo: {{config: {REPO}/configs/demo/ppo.yaml, overrides: {{batch_size: 9}}}}\n")
+                        f"  ppo: {{config: {REPO}/configs/demo/ppo.yaml, overrides: {{batch_size: 9, "
+                        f"reward_model: {tmp_path}/missing-rm}}}}\n")
     result = dry_run(pipeline)
     assert result.returncode == 1
     assert "learning_rat" in result.stdout and "divisible" in result.stdout
-    assert "reward_model: runs/demo/reward: PROBLEM" in result.stdout  # no reward stage produces it
+    assert "missing-rm: PROBLEM" in result.stdout  # no such directory, and no stage produces it
     assert "dry run: 3 problem(s)" in result.stdout
     with pytest.raises(ValueError, match="STAGE.KEY=VALUE"):
         load_pipeline(str(pipeline), ["total_steps=3"])
