@@ -176,5 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> int:
+    """Console-script entry: a closed pipe (``rlhf data inspect F | head``) ends quietly."""
+    try:
+        return main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
