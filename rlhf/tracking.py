@@ -52,10 +52,3 @@ def log_table(run, key: str, columns: list[str], rows: list[list], step: int | N
 def log_summary(run, values: dict) -> None:
     if run is not None:
         run.summary.update(values)
-
-
-def report_to(requested) -> list[str]:
-    """The Trainer's ``report_to``: W&B unless disabled."""
-    if wandb_mode() == "disabled":
-        return []
-    return requested if requested not in (None, "none", ["none"]) else []
