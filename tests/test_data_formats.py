@@ -342,6 +342,17 @@ def test_preference_data_serves_sft_as_prompt_plus_chosen(tmp_path):
     assert conversations == [{"messages": pair[0]["prompt"] + pair[0]["chosen"]}]
 
 
+def test_a_reply_of_several_assistant_messages_is_one_turn(tmp_path):
+    # found by the fuzz: prompt + chosen for SFT had two assistant turns in a row
+    record = {"prompt": [user("hi")], "chosen": [assistant("Sorry."), assistant("Refund sent.")],
+              "rejected": "No."}
+    (pair,), report = load(tmp_path, [record], kind="preference")
+    assert pair["chosen"] == [assistant("Sorry.\n\nRefund sent.")]
+    assert report.repaired["merged_same_role_turns"] == 1
+    (conversation,), _ = load(tmp_path, [record], "sft.jsonl", kind="sft")
+    assert [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
+
+
 # ---------------------------------------------------------------------------------------------
 # containers and readers
 

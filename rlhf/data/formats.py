@@ -264,7 +264,8 @@ def _response(record: dict, name: str, prompt: list[dict], report: LoadReport,
 
 
 def finish_pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], report: LoadReport) -> dict:
-    prompt = merge_same_role(prompt, report)
+    # a reply given as several assistant messages is one turn (SFT on prompt + chosen needs alternation)
+    prompt, chosen, rejected = (merge_same_role(m, report) for m in (prompt, chosen, rejected))
     if not prompt or prompt[-1]["role"] != "user":
         raise SkipRecord("prompt_not_ending_on_user")
     if no_user_text(prompt):
