@@ -3,7 +3,7 @@
 Our part: preference pairs in any supported format, rendered by ``scoring.pair_to_ids`` (the same
 function the API and PPO score with) and handed to TRL pre-tokenized; pairs over ``max_length`` are
 cut from the left of the prompt and counted instead of being dropped (TRL drops them silently); label
-smoothing; the reward statistics stored with the model for normalisation; held-out evaluation.
+smoothing; the reward statistics stored with the model for normalization; held-out evaluation.
 """
 
 from __future__ import annotations
@@ -12,28 +12,17 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
 from trl import RewardTrainer
 
-from rlhf.config import DataArguments, format_config, resolved_config
+from rlhf.config import RewardScriptArguments, format_config, resolved_config
 from rlhf.data.sources import resolve_stage_data
 from rlhf.distributed import process_state
 from rlhf.tracking import init_wandb, log_summary
 
-from .evaluate import calibration_plot, evaluate_pairs, print_report
+from .evaluation import calibration_plot, evaluate_pairs, print_report
 from .scoring import RewardScorer, pair_to_ids, save_reward_stats
-
-
-@dataclass
-class RewardScriptArguments(DataArguments):
-    finetune: str = field(default="full", metadata={"help": "full | lora", "choices": ("full", "lora")})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Conservative BT loss: weight of the flipped label."})
-    use_margin: bool = field(default=False, metadata={"help": "Use each pair's `margin` field in the loss."})
-    stats_max_pairs: int = field(default=2000, metadata={"help": "Training pairs scored for reward mean/std."})
-    wandb_project: str = field(default="rlhf", metadata={"help": "W&B project."})
-    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (one pipeline run = one group)."})
 
 
 class SmoothedRewardTrainer(RewardTrainer):
@@ -74,9 +63,10 @@ def load_reward_model(path: str, dtype: str | None, revision: str | None, trust_
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.models import disable_dropout, ensure_pad_token, load_tokenizer, resolve_model_path
+    from rlhf.paths import is_local_path
 
     path = resolve_model_path(path)
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+    if not os.path.exists(path) and is_local_path(path):
         raise FileNotFoundError(f"{path}: no such model directory (run the SFT stage first, or set model_name_or_path)")
     tokenizer = load_tokenizer(path, revision, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -1,24 +1,37 @@
-"""Stage configuration: dataclasses parsed from YAML then command-line overrides by ``trl.TrlParser``.
+"""Every stage's configuration: dataclasses parsed from YAML, then command-line overrides, by ``trl.TrlParser``.
 
 Overrides may be written ``--key value`` or ``key=value``; unknown keys (in the YAML file or on the
-command line) are errors. The resolved configuration is printed at start and logged to W&B.
+command line) are errors. The SFT and reward stages also take every field of TRL's ``ModelConfig`` and
+``SFTConfig`` / ``RewardConfig``; PPO, which TRL no longer has, is ``PPOConfig`` below. Each stage writes
+its resolved configuration to ``OUTPUT/config.yaml`` and to W&B.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
 
 FINETUNE_MODES = ("full", "lora", "partial")
+REPORT_TO = ("wandb", "tensorboard", "none")
+
+
+def _null_to_none(obj, names) -> None:
+    """``key=null`` on the command line arrives as a string; it means "unset"."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, str) and value.lower() in ("null", "none", ""):
+            setattr(obj, name, None)
 
 
 @dataclass
 class DataArguments:
-    """Where the data comes from; ``dataset: demo`` is the embedded demo task."""
+    """Where a stage's data comes from; ``dataset: demo`` is the embedded demo task."""
 
     dataset: str = field(default="demo", metadata={"help": "Local file, Hub dataset id, or 'demo'."})
     dataset_format: str = field(default="auto", metadata={"help": "Record format; 'auto' detects it."})
@@ -30,17 +43,19 @@ class DataArguments:
     demo_seed: int = field(default=0, metadata={"help": "Seed of the generated demo task."})
 
     def __post_init__(self):
-        # `key=null` on the command line arrives as a string; it means "unset"
-        for name in self._nullable:
-            value = getattr(self, name)
-            if isinstance(value, str) and value.lower() in ("null", "none", ""):
-                setattr(self, name, None)
-
-    _nullable = ("eval_dataset", "max_records")
+        _null_to_none(self, ("eval_dataset", "max_records"))
 
 
 @dataclass
-class SFTScriptArguments(DataArguments):
+class TrackingArguments:
+    """W&B placement; ``report_to`` and ``run_name`` come from TrainingArguments (SFT, RM) or PPOConfig."""
+
+    wandb_project: str = field(default="rlhf", metadata={"help": "W&B project."})
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (one pipeline run = one group)."})
+
+
+@dataclass
+class SFTScriptArguments(TrackingArguments, DataArguments):
     finetune: str = field(default="full", metadata={"help": "full | lora | partial", "choices": FINETUNE_MODES})
     freeze_layers: int = field(default=0, metadata={"help": "partial: freeze embeddings and the lower N layers."})
     train_top_layers: int | None = field(default=None, metadata={"help": "partial: train only the top K layers."})
@@ -49,11 +64,154 @@ class SFTScriptArguments(DataArguments):
     gold_eval_prompts: int = field(default=64, metadata={"help": "Demo task: held-out prompts scored by gold reward."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generation length for samples and gold evaluation."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the gold evaluation."})
-    wandb_project: str = field(default="rlhf", metadata={"help": "W&B project."})
-    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (one pipeline run = one group)."})
 
 
-def normalise_overrides(argv: list[str], known: set[str] | None = None) -> list[str]:
+@dataclass
+class RewardScriptArguments(TrackingArguments, DataArguments):
+    finetune: str = field(default="full", metadata={"help": "full | lora", "choices": ("full", "lora")})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Conservative BT loss: weight of the flipped label."})
+    use_margin: bool = field(default=False, metadata={"help": "Use each pair's `margin` field in the loss."})
+    stats_max_pairs: int = field(default=2000, metadata={"help": "Training pairs scored for reward mean/std."})
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+# PPO keys renamed to TRL's names; the old ones keep working for one release (0.2) with a warning
+DEPRECATED_PPO_KEYS = {"total_steps": "max_steps", "save_every": "save_steps", "sample_every": "num_sample_generations"}
+
+
+@dataclass
+class PPOConfig(TrackingArguments, DataArguments):
+    """Everything the PPO stage reads. Batch sizes are global; per-process sizes come from ``derive``."""
+
+    # models
+    model_name_or_path: str = field(default="runs/demo/sft", metadata=_help("SFT policy: Hub id or local path."))
+    ref_model: str | None = field(default=None, metadata=_help("Frozen KL reference; default: the policy."))
+    reward_model: str | None = field(default=None, metadata=_help("Local reward model (sequence classifier)."))
+    reward_url: str | None = field(default=None, metadata=_help("Scoring API base URL instead of a local RM."))
+    reward_function: str | None = field(default=None, metadata=_help("'gold' (demo task) or 'module:function'."))
+    critic_model: str | None = field(default=None, metadata=_help("Where the critic starts; default: the RM."))
+    topology: str = field(default="separate", metadata=_help(
+        "separate (policy + critic from the RM + reference copy) | lora (one frozen base: policy and critic "
+        "adapters) | shared (one backbone, LM head + value head)", choices=("separate", "lora", "shared")))
+    lora_r: int = field(default=16, metadata=_help("lora topology: adapter rank."))
+    lora_alpha: int = field(default=32, metadata=_help("lora topology: adapter scale."))
+    lora_target_modules: list[str] | None = field(default=None, metadata=_help("Default: peft's per architecture."))
+    dtype: str = field(default="float32", metadata=_help("Weights dtype: float32 | bfloat16 | float16."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Allow models whose code ships with the checkpoint."))
+    # rollout
+    batch_size: int = field(default=64, metadata=_help("Prompts per PPO step, over all processes."))
+    max_prompt_length: int = field(default=256, metadata=_help("Longer prompts are cut from the left."))
+    max_new_tokens: int = field(default=32, metadata=_help("Reply length limit in tokens."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature (logprobs use the same)."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling; 1 = off."))
+    top_k: int = field(default=0, metadata=_help("0 = off; 1 makes sampling deterministic (tests)."))
+    stop_tokens: list[str] | None = field(default=None, metadata=_help("Tokens that end a reply; default: EOS."))
+    missing_stop_penalty: float = field(default=1.0, metadata=_help("Subtracted from a reply with no stop token."))
+    reward_normalization: bool = field(default=True, metadata=_help("Normalize RM scores by its stored mean/std."))
+    whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards over the batch."))
+    # PPO
+    ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
+    num_minibatches: int = field(default=1, metadata=_help("Optimiser steps per pass."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
+    clip_range: float = field(default=0.2, metadata=_help("Policy ratio clip epsilon."))
+    clip_range_value: float = field(default=0.2, metadata=_help("Value clip around the rollout's values."))
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
+    ent_coef: float = field(default=0.0, metadata=_help("Entropy bonus weight; 0 = off."))
+    gamma: float = field(default=1.0, metadata=_help("GAE discount."))
+    lam: float = field(default=0.95, metadata=_help("GAE lambda."))
+    kl_coef: float = field(default=0.05, metadata=_help("beta of the per-token KL penalty (initial, if adaptive)."))
+    kl_estimator: str = field(default="k1", metadata=_help("k1 (log ratio) or k3 (non-negative).", choices=("k1", "k3")))
+    adaptive_kl: bool = field(default=False, metadata=_help("Move beta towards kl_target (Ziegler et al.)."))
+    kl_target: float | None = field(default=None, metadata=_help("Target KL per sequence for adaptive_kl."))
+    kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL horizon, in episodes."))
+    ratio_check_tolerance: float = field(default=1e-3, metadata=_help("Max |ratio - 1| on the first minibatch."))
+    # PPO-ptx (InstructGPT): an SFT loss on demonstrations against forgetting
+    ptx_coef: float = field(default=0.0, metadata=_help("Weight of the PPO-ptx SFT loss; 0 = off."))
+    ptx_dataset: str | None = field(default=None, metadata=_help("SFT data for PPO-ptx; 'demo' = demo SFT data."))
+    ptx_batch_size: int = field(default=16, metadata=_help("Demonstrations per PPO-ptx micro-step."))
+    # optimisation
+    learning_rate: float = field(default=1e-5, metadata=_help("Policy learning rate."))
+    critic_learning_rate: float | None = field(default=None, metadata=_help("Default: learning_rate."))
+    adam_eps: float = field(default=1e-5, metadata=_help("AdamW epsilon."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    lr_scheduler_type: str = field(default="linear", metadata=_help("linear | cosine | constant.",
+                                                                    choices=("linear", "cosine", "constant")))
+    warmup_steps: int = field(default=0, metadata=_help("Optimiser steps of linear warm-up."))
+    max_steps: int = field(default=100, metadata=_help("PPO steps (rollout + update) to run."))
+    seed: int = field(default=0, metadata=_help("Seed of sampling, prompt order and minibatches."))
+    # logging, evaluation, checkpoints
+    output_dir: str = field(default="runs/demo/ppo", metadata=_help("Where the policy, critic and logs go."))
+    logging_steps: int = field(default=1, metadata=_help("Log to W&B every N steps (metrics.jsonl: every step)."))
+    num_sample_generations: int = field(default=10, metadata=_help("Sample tables over the run; 0 = none."))
+    num_samples: int = field(default=4, metadata=_help("Rows per sample table."))
+    eval_prompts: int = field(default=64, metadata=_help("Held-out prompts evaluated before and after."))
+    eval_temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the evaluation; 0 = greedy."))
+    save_steps: int = field(default=0, metadata=_help("Checkpoint every N steps; 0 = only the final model."))
+    resume: bool = field(default=False, metadata=_help("Continue from the latest checkpoint in output_dir."))
+    report_to: list[str] = field(default_factory=lambda: ["wandb"], metadata=_help("wandb, tensorboard or none."))
+    run_name: str = field(default="ppo", metadata=_help("W&B run name."))
+    # deprecated names (TRL's are above); removed in 0.2
+    total_steps: int | None = field(default=None, metadata=_help("Deprecated: use max_steps."))
+    save_every: int | None = field(default=None, metadata=_help("Deprecated: use save_steps."))
+    sample_every: int | None = field(default=None, metadata=_help("Deprecated: use num_sample_generations."))
+
+    def __post_init__(self):
+        _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
+                             "reward_function", "critic_model", "ptx_dataset", "kl_target"))
+        if isinstance(self.report_to, str):  # `report_to: wandb` as in TrainingArguments
+            self.report_to = [self.report_to]
+        self.report_to = [r for r in self.report_to if r != "none"]
+        bad = set(self.report_to) - set(REPORT_TO)
+        if bad:
+            raise ValueError(f"report_to: unknown {sorted(bad)}; use some of {list(REPORT_TO)}")
+        for old, new in DEPRECATED_PPO_KEYS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            warnings.warn(f"PPO key `{old}` is deprecated and will be removed in 0.2; use `{new}`", FutureWarning,
+                          stacklevel=2)
+            if old == "sample_every":  # a period in steps -> a number of tables over the run
+                value = math.ceil(self.max_steps / value) if value else 0
+            setattr(self, new, value)
+            setattr(self, old, None)
+
+    @property
+    def sample_period(self) -> int:
+        """Steps between sample tables (TRL: max_steps // num_sample_generations); 0 = none."""
+        return max(1, self.max_steps // self.num_sample_generations) if self.num_sample_generations else 0
+
+    def derive(self, world_size: int) -> PPODerived:
+        """Per-process batch sizes, checked once: every split must be exact."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world_size} processes")
+        local = self.batch_size // world_size
+        if local % self.num_minibatches:
+            raise ValueError(f"per-process batch {local} must be divisible by num_minibatches={self.num_minibatches}")
+        minibatch = local // self.num_minibatches
+        if minibatch % self.gradient_accumulation_steps:
+            raise ValueError(f"minibatch {minibatch} must be divisible by gradient_accumulation_steps="
+                             f"{self.gradient_accumulation_steps}")
+        if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function)) != 1:
+            raise ValueError("set exactly one of reward_model, reward_url, reward_function")
+        return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps)
+
+
+@dataclass
+class PPODerived:
+    local_batch_size: int  # prompts per process per step
+    local_minibatch_size: int  # sequences per optimiser step per process
+    micro_batch_size: int  # sequences per forward/backward
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing and printing
+
+
+def normalize_overrides(argv: list[str], known: set[str] | None = None) -> list[str]:
     """Turn ``key=value`` overrides into ``--key value`` so argparse sees one style.
 
     With ``known`` (the parser's option names), only ``key=value`` whose key is an option is
@@ -77,14 +235,19 @@ def parse_stage_args(dataclass_types: list, argv: list[str] | None = None):
     """Parse ``--config FILE`` plus overrides into the given dataclasses (unknown keys raise)."""
     from trl import TrlParser
 
+    from .paths import resolve_config
+
     parser = TrlParser(dataclass_types)
     known = {s for action in parser._actions for s in action.option_strings} | {"--config"}
-    argv = normalise_overrides(list(sys.argv[1:] if argv is None else argv), known)
+    argv = normalize_overrides(list(sys.argv[1:] if argv is None else argv), known)
+    if "--config" in argv[:-1]:  # a path, or the name of a shipped config ("demo/ppo.yaml")
+        at = argv.index("--config") + 1
+        argv[at] = resolve_config(argv[at])
     return parser.parse_args_and_config(argv)
 
 
 def resolved_config(*objs) -> dict:
-    """Every field of every config object, for printing and for W&B."""
+    """Every field of every config object, for printing, ``config.yaml`` and W&B."""
     out = {}
     for obj in objs:
         values = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
@@ -94,102 +257,3 @@ def resolved_config(*objs) -> dict:
 
 def format_config(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=120)
-
-
-@dataclass
-class PPOConfig(DataArguments):
-    """Everything the PPO stage reads. Batch sizes are global; derived sizes are computed once in ``derive``."""
-
-    # models
-    model_name_or_path: str = field(default="runs/demo/sft", metadata={"help": "SFT policy (Hub id or path)."})
-    ref_model: str | None = field(default=None, metadata={"help": "Frozen reference; default: the policy."})
-    reward_model: str | None = field(default=None, metadata={"help": "Local reward model path (num_labels=1)."})
-    reward_url: str | None = field(default=None, metadata={"help": "Scoring API base URL instead of a local RM."})
-    reward_function: str | None = field(default=None, metadata={"help": "'gold' (demo task) or 'module:function'."})
-    critic_model: str | None = field(default=None, metadata={"help": "Critic init; default: the reward model."})
-    topology: str = field(default="separate", metadata={
-        "help": "separate (full policy + critic from the RM) | lora (one base: policy and critic adapters) | shared "
-                "(one backbone, policy head + value head)", "choices": ("separate", "lora", "shared")})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: peft's choice per architecture."})
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
-    # rollout
-    batch_size: int = field(default=64, metadata={"help": "Prompts per PPO step, over all processes."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Longer prompts are cut from the left."})
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = field(default=0, metadata={"help": "0 = off; 1 makes sampling deterministic (tests)."})
-    stop_tokens: list[str] | None = field(default=None, metadata={"help": "Default: the tokenizer's EOS."})
-    missing_stop_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a reply with no stop token."})
-    reward_normalization: bool = field(default=True, metadata={"help": "Normalise RM scores with the RM's stored mean/std."})
-    whiten_rewards: bool = False
-    # PPO
-    ppo_epochs: int = 4
-    num_minibatches: int = 1
-    gradient_accumulation_steps: int = 1
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3")})
-    adaptive_kl: bool = False
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    ratio_check_tolerance: float = field(default=1e-3, metadata={"help": "Max |ratio-1| on the first minibatch."})
-    # PPO-ptx (InstructGPT): an SFT loss on demonstrations against forgetting
-    ptx_coef: float = 0.0
-    ptx_dataset: str | None = field(default=None, metadata={"help": "SFT data for PPO-ptx; 'demo' = demo SFT data."})
-    ptx_batch_size: int = 16
-    # optimisation
-    learning_rate: float = 1e-5
-    critic_learning_rate: float | None = field(default=None, metadata={"help": "Default: learning_rate."})
-    adam_eps: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
-    warmup_steps: int = 0
-    total_steps: int = 100
-    seed: int = 0
-    # logging, evaluation, checkpoints
-    output_dir: str = "runs/demo/ppo"
-    logging_steps: int = 1
-    sample_every: int = 10
-    num_samples: int = 4
-    eval_prompts: int = 64
-    eval_temperature: float = 1.0
-    save_every: int = 0
-    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
-    report_to: str = field(default="wandb", metadata={"choices": ("wandb", "none")})
-    run_name: str = "ppo"
-    wandb_project: str = "rlhf"
-    wandb_group: str | None = None
-
-    _nullable = ("eval_dataset", "ref_model", "reward_model", "reward_url", "reward_function", "critic_model",
-                 "ptx_dataset", "kl_target")
-
-    def derive(self, world_size: int) -> PPODerived:
-        """Per-process batch sizes, checked once: every split must be exact."""
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world_size} processes")
-        local = self.batch_size // world_size
-        if local % self.num_minibatches:
-            raise ValueError(f"per-process batch {local} must be divisible by num_minibatches={self.num_minibatches}")
-        minibatch = local // self.num_minibatches
-        if minibatch % self.gradient_accumulation_steps:
-            raise ValueError(f"minibatch {minibatch} must be divisible by gradient_accumulation_steps="
-                             f"{self.gradient_accumulation_steps}")
-        if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function)) != 1:
-            raise ValueError("set exactly one of reward_model, reward_url, reward_function")
-        return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps)
-
-
-@dataclass
-class PPODerived:
-    local_batch_size: int  # prompts per process per step
-    local_minibatch_size: int  # sequences per optimiser step per process
-    micro_batch_size: int  # sequences per forward/backward

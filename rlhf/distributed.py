@@ -1,6 +1,6 @@
 """The one place that talks to ``accelerate.Accelerator``: global statistics across processes.
 
-Whitening and logged metrics must be global (DESIGN principle 3): every process contributes its sums and
+Whitening and logged metrics must be global (docs/design.md, principle 3): every process contributes its sums and
 counts, so 1 process with batch 2B and 2 processes with batch B each compute the same numbers.
 """
 

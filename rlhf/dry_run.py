@@ -7,25 +7,7 @@ batch size that does not divide, or a data file that fails validation is.
 
 from __future__ import annotations
 
-import os
-
-from .config import parse_stage_args
-
-KIND = {"sft": "sft", "reward": "preference", "ppo": "prompt"}
-
-
-def _stage_types(name: str) -> list:
-    from trl import ModelConfig, RewardConfig, SFTConfig
-
-    from .config import PPOConfig, SFTScriptArguments
-
-    if name == "sft":
-        return [SFTScriptArguments, ModelConfig, SFTConfig]
-    if name == "reward":
-        from reward_models.train import RewardScriptArguments
-
-        return [RewardScriptArguments, ModelConfig, RewardConfig]
-    return [PPOConfig]
+from .paths import is_local_path
 
 
 def check_model(label: str, path: str | None, produced: set[str]) -> int:
@@ -39,11 +21,10 @@ def check_model(label: str, path: str | None, produced: set[str]) -> int:
         return 0
     from transformers import AutoConfig
 
-    local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # offline Hub, missing directory: tell which
-        if local:
+        if is_local_path(path):
             print(f"  {label}: {path}: PROBLEM: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             return 1
         print(f"  {label}: {path} (Hub model; not reachable now, fetched at run time)")
@@ -55,10 +36,10 @@ def check_model(label: str, path: str | None, produced: set[str]) -> int:
 
 def check_data(args, kind: str) -> int:
     from .data import DataFormatError
-    from .data.readers import is_local
+    from .data.readers import FILE_LIKE_SUFFIXES
     from .data.sources import resolve_stage_data
 
-    if args.dataset != "demo" and not is_local(args.dataset):
+    if args.dataset != "demo" and not is_local_path(args.dataset, FILE_LIKE_SUFFIXES):
         print(f"  dataset: {args.dataset} (Hub dataset; not reachable now, loaded at run time)")
         return 0
     try:
@@ -71,26 +52,22 @@ def check_data(args, kind: str) -> int:
     return 0
 
 
-def check_stage(name: str, argv: list[str], stages: dict, world_size: int = 1) -> int:
-    extra = ["use_cpu=true"] if name in ("sft", "reward") else []  # bf16 configs validate on a CPU-only machine
+def check_stage(stage, argv: list[str], produced: set[str], world_size: int = 1) -> int:
+    extra = ["use_cpu=true"] if stage.name in ("sft", "reward") else []  # bf16 configs validate on a CPU-only machine
     try:
-        parsed = parse_stage_args(_stage_types(name), argv + extra)
+        parsed = stage.parse(argv + extra)
     except (ValueError, SystemExit) as e:
         print(f"  config: PROBLEM: {e}")
         return 1
-    args = parsed[0]
     print(f"  config: {argv[1]} parsed ({', '.join(type(p).__name__ for p in parsed)})")
-    out_dir = os.path.dirname(getattr(args, "output_dir", None) or parsed[-1].output_dir)
-    produced = {os.path.join(out_dir, s) for s in stages}
     problems = 0
-    model_args = parsed[1] if name != "ppo" else args
-    problems += check_model("model", model_args.model_name_or_path, produced)
-    if name == "ppo":
+    for key in stage.model_keys:
+        holder = next(p for p in parsed if hasattr(p, key))
+        problems += check_model(key, getattr(holder, key), produced)
+    if hasattr(parsed[0], "derive"):
         try:
-            print(f"  batch sizes per process: {args.derive(world_size)}")
+            print(f"  batch sizes per process: {parsed[0].derive(world_size)}")
         except ValueError as e:
             print(f"  config: PROBLEM: {e}")
             problems += 1
-        for label in ("ref_model", "reward_model", "critic_model"):
-            problems += check_model(label, getattr(args, label), produced)
-    return problems + check_data(args, KIND[name])
+    return problems + check_data(parsed[0], stage.data_kind)

@@ -1,125 +1,23 @@
-"""Loading policies and tokenizers by Hub id or local path, and the tiny-model factory for offline runs.
+"""Loading models and tokenizers by Hub id or local path, and what every loaded model is normalized to.
 
-``model_name_or_path`` may be a Hub id, a local directory, or ``tiny:demo``: a tokenizer trained on
-the demo task's corpus and a small Llama built from scratch, saved with ``save_pretrained`` under
-``$RLHF_HOME`` (default ``~/.cache/rlhf``) so every stage loads it like any Hub model.
+``model_name_or_path`` may be a Hub id, a local directory, or ``tiny:demo`` (``rlhf.tiny_model``). Every
+stage loads through here, so the quirks of real checkpoints are dealt with in one place: a pad token
+distinct from EOS (docs/design.md, detail 1), dropout off (detail 3), partial freezing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import asdict, dataclass
-
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .cache import rlhf_home
-
-PAD_TOKEN = "<|pad|>"
-EOS_TOKEN = "<|end|>"
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-
-# {% generation %} marks what the assistant says, *including* its end-of-turn token, so SFT with
-# assistant-only loss teaches the model to stop (TRL checks this with is_chat_template_stop_token_trained).
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|assistant|>' -}}{% generation %}{{- message['content'] + '<|end|>' -}}{% endgeneration %}"
-    "{%- else -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-)
-
-
-@dataclass
-class TinyModelSpec:
-    """Size of the scratch Llama; defaults train the demo task on 2 CPU cores in well under a minute."""
-
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 512
-    vocab_size: int = 1024  # upper bound for the BPE trainer; the real size is what it learns
-    seed: int = 0
-
-
-def build_tiny_tokenizer(texts: list[str], vocab_size: int = 1024):
-    """Byte-level BPE trained on ``texts``: lossless for any Unicode, with a pad token distinct from EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-        additional_special_tokens=ROLE_TOKENS, padding_side="right",
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, spec: TinyModelSpec) -> LlamaForCausalLM:
-    torch.manual_seed(spec.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-        attention_dropout=0.0,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
-
-
-def tiny_demo_path(spec: TinyModelSpec | None = None) -> str:
-    """Build (once) and return the directory of the tiny demo base model."""
-    from .data.demo_task import DemoTaskConfig, corpus
-
-    spec = spec or TinyModelSpec()
-    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(rlhf_home(), f"tiny-demo-{key}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    tokenizer = build_tiny_tokenizer(corpus(DemoTaskConfig(seed=spec.seed)), spec.vocab_size)
-    model = build_tiny_model(tokenizer, spec)
-    tmp = f"{path}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)  # atomic: a concurrent builder of the same key loses the race harmlessly
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+PAD_TOKEN = "<|pad|>"  # added to tokenizers without a pad token distinct from EOS
 
 
 def resolve_model_path(name: str) -> str:
     """``tiny:demo`` -> the built tiny model's directory; anything else (Hub id, path) unchanged."""
     if name == "tiny:demo":
+        from .tiny_model import tiny_demo_path
+
         return tiny_demo_path()
     if name.startswith("tiny:"):
         raise ValueError(f"unknown tiny model {name!r}; the only built-in one is 'tiny:demo'")
@@ -127,7 +25,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def ensure_pad_token(tokenizer, model=None) -> None:
-    """Give the tokenizer a pad token distinct from EOS (DESIGN: never pad = EOS).
+    """Give the tokenizer a pad token distinct from EOS (docs/design.md, detail 1: never pad = EOS).
 
     With pad = EOS the collator masks every EOS as padding, the policy never learns to stop, and a
     reward model reads the wrong token. Tokenizers without one get ``<|pad|>`` (embeddings resized).
@@ -156,7 +54,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 
 def load_causal_lm(name_or_path: str, dtype: str | None = None, revision: str | None = None, **kwargs):
-    """A causal LM by Hub id or path, in eval mode (dropout off: DESIGN detail 3)."""
+    """A causal LM by Hub id or path, in eval mode (dropout off: docs/design.md, detail 3)."""
     torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=torch_dtype or "auto", revision=revision, **kwargs

@@ -25,29 +25,28 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def collect(out: str, timings: dict) -> dict:
-    sft = _read_json(os.path.join(out, "sft", "sft_summary.json"))
-    rm = _read_json(os.path.join(out, "reward", "reward_summary.json"))
-    ppo = _read_json(os.path.join(out, "ppo", "ppo_summary.json"))
-    return {"sft": sft, "reward": rm, "ppo": ppo, "timings": timings,
-            "metrics": _read_metrics(os.path.join(out, "ppo", "metrics.jsonl"))}
+    """Every stage's summary (by the registry's file names), the timings and PPO's per-step metrics."""
+    from .stages import STAGES
+
+    data = {name: _read_json(os.path.join(out, name, stage.summary_file)) for name, stage in STAGES.items()}
+    return {**data, "timings": timings, "metrics": _read_metrics(os.path.join(out, "ppo", "metrics.jsonl"))}
 
 
 def summary_rows(data: dict) -> list[tuple[str, str, str]]:
-    """(stage, seconds, key figures) per stage, then the policies side by side."""
-    sft, rm, ppo, t = data["sft"], data["reward"], data["ppo"], data["timings"]
+    """(stage, seconds, key figures) per stage that ran: the figures its registry entry names."""
+    from .stages import STAGES
+
     rows = []
-    if sft:
-        rows.append(("SFT", f"{t.get('sft', 0):.0f}", f"train loss {sft.get('train_loss', float('nan')):.3f}, "
-                     f"eval loss {sft.get('eval_loss', float('nan')):.3f}"))
-    if rm:
-        rows.append(("reward model", f"{t.get('reward', 0):.0f}",
-                     f"held-out accuracy {rm.get('eval/accuracy', float('nan')):.3f}, "
-                     f"mean margin {rm.get('eval/mean_margin', float('nan')):.3f}, "
-                     f"truncated pairs {rm.get('truncated_pairs', 0)}"))
-    if ppo:
-        rows.append(("PPO", f"{t.get('ppo', 0):.0f}", f"final KL {ppo.get('ppo/kl', float('nan')):.3f}, "
-                     f"RM reward {ppo.get('sft/reward', float('nan')):.3f} -> {ppo.get('ppo/reward', float('nan')):.3f}"))
+    for name, stage in STAGES.items():
+        summary = data.get(name)
+        if summary:
+            figures = ", ".join(f"{label} {_fmt(summary.get(key))}" for label, key in stage.figures)
+            rows.append((name, f"{data['timings'].get(name, 0):.0f}", figures))
     return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def gold_rows(data: dict) -> list[tuple[str, float, float, float]]:
@@ -95,7 +94,7 @@ def make_plots(data: dict, plot_dir: str) -> dict[str, str]:
             plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [m["objective/scores"] for m in metrics], label="RM score (normalised)")
+        ax.plot(steps, [m["objective/scores"] for m in metrics], label="RM score (normalized)")
         ax.plot(steps, [m["objective/rlhf_reward"] for m in metrics], label="score - beta*KL")
         if "objective/gold_reward" in metrics[0]:
             ax.plot(steps, [m["objective/gold_reward"] for m in metrics], label="gold reward")

@@ -15,10 +15,11 @@ import time
 from transformers import TrainerCallback
 
 from .config import SFTScriptArguments, format_config, resolved_config
-from .data.demo_task import demo_data_paths, gold_reward
+from .data.demo_task import demo_data_paths, gold_rewards
 from .data.sources import resolve_stage_data
 from .distributed import process_state
-from .eval import generate_responses, gold_summary
+from .evaluation import means, reply_figures
+from .generation import Sampling, generate_replies, stop_token_ids
 from .models import (
     disable_dropout,
     ensure_pad_token,
@@ -43,11 +44,12 @@ class SampleGenerationCallback(TrainerCallback):
         if not self.prompts or model is None:
             return
         # every process generates (sharded models need all ranks); only the main one reports
-        gens = generate_responses(model, self.tokenizer, self.prompts, self.max_new_tokens, temperature=0)
+        greedy = Sampling(self.max_new_tokens, temperature=0, stop_token_ids=stop_token_ids(self.tokenizer))
+        gens = generate_replies(model, self.tokenizer, self.prompts, greedy)
         if not self.is_main:
             return
-        rows = [[json.dumps(p, ensure_ascii=False), r, e] for p, r, e in zip(gens.prompts, gens.responses, gens.ended_with_eos)]
-        for p, r, e in zip(gens.prompts, gens.responses, gens.ended_with_eos):
+        rows = [[json.dumps(p, ensure_ascii=False), r, e] for p, r, e in zip(gens.prompts, gens.responses, gens.has_stop)]
+        for p, r, e in zip(gens.prompts, gens.responses, gens.has_stop):
             shown = " / ".join(m["content"] for m in p if m["role"] != "system")
             print(f"[sample step {state.global_step}] {shown!r} -> {r!r}{'' if e else ' (no EOS)'}")
         log_table(self.run, "samples", ["prompt", "response", "eos"], rows)
@@ -109,8 +111,10 @@ def evaluate_gold(model_path: str, prompts: list[list[dict]], args: SFTScriptArg
     """Gold reward of a saved model on held-out demo prompts (loaded from disk, as a user would)."""
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, dtype="float32")
-    gens = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.eval_temperature, seed=seed)
-    return gold_summary(gens, gold_reward)
+    sampling = Sampling(args.max_new_tokens, args.eval_temperature, stop_token_ids=stop_token_ids(tokenizer))
+    gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed)
+    figures = reply_figures(gens, {"gold_reward": gold_rewards})
+    return {**means(figures), "n": len(prompts)}
 
 
 def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:

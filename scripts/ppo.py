@@ -1,6 +1,9 @@
-"""PPO stage entry point: ``accelerate launch scripts/ppo.py --config configs/demo/ppo.yaml [key=value ...]``."""
+"""The ppo stage: ``accelerate launch scripts/ppo.py --config configs/demo/ppo.yaml [key=value ...]``.
 
-from rlhf.cli import ppo_main
+The same as ``accelerate launch -m rlhf ppo ...`` (which needs no checkout) and, in one process, ``rlhf ppo ...``.
+"""
+
+from rlhf.cli import stage_entry
 
 if __name__ == "__main__":
-    ppo_main()
+    stage_entry("ppo")

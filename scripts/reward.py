@@ -1,6 +1,9 @@
-"""Reward-model stage entry point: ``accelerate launch scripts/reward.py --config configs/demo/reward.yaml [key=value ...]``."""
+"""The reward stage: ``accelerate launch scripts/reward.py --config configs/demo/reward.yaml [key=value ...]``.
 
-from rlhf.cli import reward_main
+The same as ``accelerate launch -m rlhf reward ...`` (which needs no checkout) and, in one process, ``rlhf reward ...``.
+"""
+
+from rlhf.cli import stage_entry
 
 if __name__ == "__main__":
-    reward_main()
+    stage_entry("reward")

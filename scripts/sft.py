@@ -1,6 +1,9 @@
-"""SFT stage entry point: ``accelerate launch scripts/sft.py --config configs/demo/sft.yaml [key=value ...]``."""
+"""The sft stage: ``accelerate launch scripts/sft.py --config configs/demo/sft.yaml [key=value ...]``.
 
-from rlhf.cli import sft_main
+The same as ``accelerate launch -m rlhf sft ...`` (which needs no checkout) and, in one process, ``rlhf sft ...``.
+"""
+
+from rlhf.cli import stage_entry
 
 if __name__ == "__main__":
-    sft_main()
+    stage_entry("sft")

@@ -43,7 +43,7 @@ def accelerate_launch(script: str, *args: str, num_processes: int = 1, env: dict
 def demo_pipeline(tmp_path_factory):
     """The main job, run once as `make demo` runs it: (output dir, combined log of the three stages)."""
     out = tmp_path_factory.mktemp("demo")
-    result = run_cli(["-m", "rlhf.cli", "pipeline", "--config", str(REPO / "configs" / "demo" / "pipeline.yaml"),
+    result = run_cli(["-m", "rlhf", "pipeline", "--config", str(REPO / "configs" / "demo" / "pipeline.yaml"),
                       "--output-dir", str(out)], timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return out, result.stdout + result.stderr
@@ -61,6 +61,21 @@ def demo_reward(demo_pipeline):
     """The demo reward-model stage (initialised from the demo SFT model): output dir and log."""
     out, log = demo_pipeline
     return out / "reward", log
+
+
+@pytest.fixture(scope="session")
+def untrained_rm(_isolated_environment, tmp_path_factory):
+    """A reward model (and critic source) from the tiny model, with a recognisable random score head."""
+    import torch
+
+    from reward_models.train import load_reward_model
+
+    out = tmp_path_factory.mktemp("rm_for_ppo")
+    model, tokenizer = load_reward_model("tiny:demo", None, None, False)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

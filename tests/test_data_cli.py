@@ -18,7 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def inspect(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", "data", "inspect", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "rlhf", "data", "inspect", *map(str, args)],
                           capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=cwd, env=env)
 
 

@@ -19,7 +19,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from rlhf import memory
+from rlhf import memory, memory_command
 from rlhf.memory import (
     LINEARS,
     ModelShape,
@@ -65,7 +65,7 @@ def test_parameter_count_equals_the_models(config):
 def test_qwen25_05b_like_config_counts_its_494m_parameters(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(QWEN25_05B))
-    n = count_params(ModelShape.from_config(memory.load_config(config_json=str(path))))
+    n = count_params(ModelShape.from_config(memory_command.load_config(config_json=str(path))))
     assert abs(n - 494e6) / 494e6 < 0.02, n  # Qwen2.5-0.5B: 494,032,768
 
 
@@ -201,7 +201,7 @@ def test_ppo_topologies_and_what_lora_sharing_saves():
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "rlhf.memory", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "rlhf", "estimate-memory", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -226,23 +226,23 @@ def test_cli_table_json_and_errors(tmp_path):
 def test_main_in_process(tmp_path, capsys):
     # a local model directory: only config.json is read
     LlamaConfig(**SMALL).save_pretrained(tmp_path / "llama")
-    assert memory.main(["--model", str(tmp_path / "llama"), "--json"]) == 0
+    assert memory_command.main(["--model", str(tmp_path / "llama"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parts"][0]["params"] == count_params(_shape(LlamaConfig(**SMALL)))
     cfg = tmp_path / "qwen.json"
     cfg.write_text(json.dumps(QWEN25_05B))
-    assert memory.main(["--config-json", str(cfg), "--stage", "ppo", "--method", "full", "--topology", "lora"]) == 2
+    assert memory_command.main(["--config-json", str(cfg), "--stage", "ppo", "--method", "full", "--topology", "lora"]) == 2
     assert "topology" in capsys.readouterr().err
-    assert memory.main(["--config-json", str(cfg), "--lora-targets", "q,x", "--method", "lora"]) == 2
+    assert memory_command.main(["--config-json", str(cfg), "--lora-targets", "q,x", "--method", "lora"]) == 2
     assert "unknown LoRA targets" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no abbreviations
-        memory.main(["--config-json", str(cfg), "--stag", "sft"])
+        memory_command.main(["--config-json", str(cfg), "--stag", "sft"])
 
 
 def test_rlhf_estimate_memory_command(tmp_path):
     """The ``rlhf estimate-memory`` subcommand, as users call it."""
     cfg = tmp_path / "qwen.json"
     cfg.write_text(json.dumps(QWEN25_05B))
-    out = subprocess.run([sys.executable, "-m", "rlhf.cli", "estimate-memory", "--config-json", str(cfg), "--json"],
+    out = subprocess.run([sys.executable, "-m", "rlhf", "estimate-memory", "--config-json", str(cfg), "--json"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["parts"][0]["params"] == 494_032_768
@@ -250,13 +250,13 @@ def test_rlhf_estimate_memory_command(tmp_path):
 
 def test_load_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="no such model directory"):
-        memory.load_config(str(tmp_path / "missing"))
+        memory_command.load_config(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--model ID_OR_PATH or --config-json"):
-        memory.load_config()
+        memory_command.load_config()
     raw = tmp_path / "custom.json"  # a model_type transformers does not know: read as it is, generic count
     raw.write_text(json.dumps({"model_type": "my-lm", "hidden_size": 64, "num_hidden_layers": 2,
                                "num_attention_heads": 4, "vocab_size": 100}))
-    shape = ModelShape.from_config(memory.load_config(config_json=str(raw)))
+    shape = ModelShape.from_config(memory_command.load_config(config_json=str(raw)))
     assert not shape.exact and count_params(shape) == 12 * 2 * 64**2 + 100 * 64
 
 
@@ -265,7 +265,7 @@ def test_tiny_demo_resolves_through_the_model_factory(tmp_path, monkeypatch):
 
     LlamaConfig(**SMALL).save_pretrained(tmp_path)
     monkeypatch.setattr(rlhf.models, "resolve_model_path", lambda name: str(tmp_path) if name == "tiny:demo" else name)
-    assert memory.load_config("tiny:demo")["hidden_size"] == SMALL["hidden_size"]
+    assert memory_command.load_config("tiny:demo")["hidden_size"] == SMALL["hidden_size"]
 
 
 # ------------------------------------------------------------------ estimate vs measured peak memory

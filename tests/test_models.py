@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
 from rlhf.models import (
-    EOS_TOKEN,
     PAD_TOKEN,
     disable_dropout,
     ensure_pad_token,
@@ -15,6 +14,7 @@ from rlhf.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from rlhf.tiny_model import EOS_TOKEN
 
 PROMPT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Where is my lamp order?"}]
 REPLY = "I am sorry about that. I have sent you the tracking link for your lamp."

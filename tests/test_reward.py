@@ -96,12 +96,10 @@ def test_margin_option_requires_a_margin_field(untrained_rm, demo_pairs):
 
 @pytest.mark.slow
 def test_demo_reward_model_reaches_85_percent_against_gold(demo_reward):
-    out, log = demo_reward
-    n, accuracy, margin = ACCURACY.search(log).groups()
-    assert int(n) >= 300 and float(accuracy) >= 0.85, log[-2000:]
+    out, _ = demo_reward
     summary = json.loads((out / "reward_summary.json").read_text())
-    assert summary["eval/accuracy"] == pytest.approx(float(accuracy), abs=1e-3)
-    assert "train 0 of" in log and "(none dropped)" in log
+    assert summary["eval/n"] >= 300 and summary["eval/accuracy"] >= 0.85, summary
+    assert summary["truncated_pairs"] == 0 and summary["eval_pairs"] == summary["eval/n"]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     scorer = RewardScorer(str(out), device="cpu")  # a standard sequence-classification model + stats
@@ -114,7 +112,7 @@ def test_eval_rm_cli_prints_accuracy_subsets_and_writes_a_calibration_plot(demo_
     out, _ = demo_reward
     paths = demo_data_paths(0)
     plot = tmp_path / "calibration.png"
-    result = run_cli(["-m", "rlhf.cli", "eval-rm", "--model", str(out), "--data", paths["pairs_eval"],
+    result = run_cli(["-m", "rlhf", "eval-rm", "--model", str(out), "--data", paths["pairs_eval"],
                       paths["pairs_train"], "--max-records", "200", "--plot", str(plot), "--json"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "preferences_eval.jsonl" in result.stdout and "preferences_train.jsonl" in result.stdout

@@ -39,13 +39,11 @@ def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path):
 @pytest.mark.slow
 def test_demo_sft_beats_the_untrained_model_and_stops(demo_sft):
     out, log = demo_sft
-    n, before, after, eos = GOLD_LINE.search(log).groups()
-    assert int(n) == 64
-    assert float(after) > float(before) + 1.0, log[-2000:]
-    assert int(eos) >= 90
     summary = json.loads((out / "sft_summary.json").read_text())
-    assert summary["gold/sft_eos_rate"] >= 0.9 and summary["gold/sft_gold_reward"] == pytest.approx(float(after), abs=1e-3)
-    assert "resolved config:" in log and "sample step" in log
+    assert summary["gold/sft_n"] == summary["gold/base_n"] == 64
+    assert summary["gold/sft_gold_reward"] > summary["gold/base_gold_reward"] + 1.0, summary
+    assert summary["gold/sft_eos_rate"] >= 0.9 > summary["gold/base_eos_rate"]
+    assert "sample step" in log  # the sample generations at each evaluation
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.pad_token_id != model.config.eos_token_id
     assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "W&B should have written an offline run"
@@ -101,7 +99,7 @@ def test_bad_data_stops_with_file_record_and_field(tmp_path):
 
 
 def test_rlhf_help_lists_the_subcommands():
-    result = run_cli(["-m", "rlhf.cli", "--help"])
+    result = run_cli(["-m", "rlhf", "--help"])
     assert result.returncode == 0
     for command in ("data", "sft", "demo"):
         assert command in result.stdout

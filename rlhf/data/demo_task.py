@@ -203,6 +203,11 @@ def gold_reward(prompt: list[dict], response: str) -> float:
     return round(score, 4)
 
 
+def gold_rewards(prompts: list[list[dict]], responses: list[str], **columns) -> list[float]:
+    """``gold_reward`` over a batch: the signature of every reward source (``reward_function: gold``)."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
 # ---------------------------------------------------------------------------------------------
 # replies of each quality
 
@@ -289,7 +294,7 @@ def corpus(cfg: DemoTaskConfig) -> list[str]:
 
 def demo_data_paths(seed: int = 0) -> dict[str, str]:
     """The demo files for ``seed``, generated once under ``$RLHF_HOME`` (atomically)."""
-    from ..cache import rlhf_home
+    from ..paths import rlhf_home
 
     out_dir = os.path.join(rlhf_home(), f"demo-data-seed{seed}")
     if not os.path.exists(os.path.join(out_dir, "task_config.jsonl")):

@@ -11,8 +11,8 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
 
+from ..paths import is_local_path
 from .schema import DataFormatError, where
 
 MAX_PROBLEMS_SHOWN = 20
@@ -26,19 +26,10 @@ _DECODER = json.JSONDecoder()
 WRAPPER_KEYS = {"data", "train", "test", "validation", "records", "examples", "rows", "instances", "items"}
 
 
-def is_local(path: str) -> bool:
-    return (
-        os.path.exists(path)
-        or path.lower().endswith(FILE_LIKE_SUFFIXES)
-        or path.startswith(("/", "./", "../", "~", "\\"))
-        or path.count("/") > 1  # Hub ids are "name" or "owner/name"
-    )
-
-
 def read_records(path, split: str = "train", max_records: int | None = None) -> list[tuple[int, dict]]:
     """All records of a local file or a Hub dataset, as ``(record_number, dict)`` pairs."""
     path = os.path.expanduser(os.fspath(path))
-    if not is_local(path):
+    if not is_local_path(path, FILE_LIKE_SUFFIXES):
         return _read_hub(path, split, max_records)
     if not os.path.exists(path):
         raise DataFormatError([f"{path}: no such file"])
@@ -245,14 +236,6 @@ def _read_hub(name: str, split: str, max_records: int | None) -> list[tuple[int,
             [f"{name}: not a local file, and loading it from the Hugging Face Hub failed: {type(e).__name__}: {e}"]
         ) from e
     return list(enumerate(ds, 1))
-
-
-def iter_jsonl(path: str) -> Iterator[dict]:
-    """Records of a JSONL file the project wrote itself (no error collection needed)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
 
 
 def write_jsonl(path: str, records) -> None:

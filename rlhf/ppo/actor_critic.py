@@ -4,7 +4,7 @@
 call, so DDP sees a single forward per backward whatever the topology:
 
 - ``separate``: the full policy plus a critic loaded as a sequence-classification model from the reward
-  model (its value head starts as the RM's score head: DESIGN detail 11); the reference is a frozen copy.
+  model (its value head starts as the RM's score head: docs/design.md, detail 11); the reference is a frozen copy.
 - ``lora``: one frozen base model; the policy is the ``default`` LoRA adapter, the critic a second
   ``critic`` adapter plus a value head, the reference the base with adapters disabled (one model in memory).
 - ``shared``: one backbone with the LM head (policy) and a value head on its last hidden state.
@@ -37,10 +37,11 @@ def _value_head_like(score: nn.Linear | None, hidden_size: int) -> nn.Linear:
     return head
 
 
-def _load_score_head(path: str | None) -> nn.Linear | None:
+def _load_score_head(path: str | None, trust_remote_code: bool = False) -> nn.Linear | None:
     if not path:
         return None
-    rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1,
+                                                            trust_remote_code=trust_remote_code)
     return rm.score
 
 
@@ -176,28 +177,30 @@ def reference_logits(actor_critic, ref_model, input_ids, attention_mask, positio
 
 
 def build_actor_critic(cfg, tokenizer):
-    """(actor_critic, ref_model or None) for ``cfg.topology``; dropout is off everywhere (DESIGN detail 3)."""
+    """(actor_critic, ref_model or None) for ``cfg.topology``; dropout is off everywhere (docs/design.md, detail 3)."""
     dtype = _dtype(cfg.dtype)
     policy_path = resolve_model_path(cfg.model_name_or_path)
     critic_path = cfg.critic_model or cfg.reward_model
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+    remote = {"trust_remote_code": cfg.trust_remote_code}
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, **remote)
     ensure_pad_token(tokenizer, policy)
     ref = None
     if cfg.topology in ("separate", "shared"):
-        ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.ref_model or policy_path), dtype=dtype)
+        ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.ref_model or policy_path), dtype=dtype,
+                                                   **remote)
         ref.config.pad_token_id = tokenizer.pad_token_id
         disable_dropout(ref)
         ref.eval().requires_grad_(False)
     if cfg.topology == "separate":
         critic_source = resolve_model_path(critic_path or policy_path)
-        critic = AutoModelForSequenceClassification.from_pretrained(critic_source, num_labels=1, dtype=dtype)
+        critic = AutoModelForSequenceClassification.from_pretrained(critic_source, num_labels=1, dtype=dtype, **remote)
         critic.config.pad_token_id = tokenizer.pad_token_id
         if critic.get_input_embeddings().weight.shape[0] < len(tokenizer):
             raise ValueError(f"critic {critic_source} has a smaller vocabulary than the policy's tokenizer; "
                              "the critic reads policy tokens, so it must share the policy's tokenizer")
         model = SeparateActorCritic(policy, critic)
     elif cfg.topology == "shared":
-        model = SharedActorCritic(policy, _value_head_like(_load_score_head(critic_path), policy.config.hidden_size))
+        model = SharedActorCritic(policy, _value_head_like(_load_score_head(critic_path, cfg.trust_remote_code), policy.config.hidden_size))
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -205,6 +208,6 @@ def build_actor_critic(cfg, tokenizer):
                     task_type="CAUSAL_LM")
         peft_model = get_peft_model(policy, LoraConfig(**lora))
         peft_model.add_adapter("critic", LoraConfig(**lora))
-        model = LoraActorCritic(peft_model, _value_head_like(_load_score_head(critic_path), policy.config.hidden_size))
+        model = LoraActorCritic(peft_model, _value_head_like(_load_score_head(critic_path, cfg.trust_remote_code), policy.config.hidden_size))
     disable_dropout(model)
     return model, ref

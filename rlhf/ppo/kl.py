@@ -1,6 +1,27 @@
-"""KL coefficient controllers: fixed, or adaptive towards a target KL (Ziegler et al. 2019, lm-human-preferences)."""
+"""KL between the policy and the frozen reference: per-token estimators, and the coefficient's controllers.
+
+Pure arithmetic (docs/design.md, detail 7). The estimators follow Schulman 2020, "Approximating KL
+divergence"; the adaptive controller Ziegler et al. 2019 (lm-human-preferences).
+"""
 
 from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy. [B, T] -> [B, T].
+
+    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
 
 
 class FixedKLController:

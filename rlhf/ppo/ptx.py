@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tensors import pad_rows
+
 
 def tokenize_demonstrations(tokenizer, conversations: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per conversation; labels are -100 outside assistant turns (as in SFT)."""
@@ -19,16 +21,9 @@ def tokenize_demonstrations(tokenizer, conversations: list[dict], max_length: in
     return out
 
 
-def ptx_batch(tokenizer, examples, cfg, step: int, call: int, device):
-    """A deterministic batch for (step, call): right-padded ids, attention mask and labels."""
-    g = torch.Generator().manual_seed((cfg.seed * 7919 + step) * 104729 + call)
-    rows = [examples[i] for i in torch.randint(len(examples), (cfg.ptx_batch_size,), generator=g).tolist()]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        mask[i, : len(row_ids)] = 1
-    return ids.to(device), mask.to(device), labels.to(device)
+def ptx_batch(tokenizer, examples, batch_size: int, generator: torch.Generator, device):
+    """A batch drawn with ``generator``: right-padded ids, attention mask and labels (-100 on padding)."""
+    rows = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()]
+    ids, mask = pad_rows([r for r, _ in rows], tokenizer.pad_token_id, device=device)
+    labels, _ = pad_rows([lab for _, lab in rows], -100, device=device)
+    return ids, mask, labels

@@ -1,8 +1,8 @@
 """Reward sources for PPO: a local reward model, the scoring API, or a Python function.
 
 Each is a callable ``(prompts: list[list[dict]], responses: list[str]) -> list[float]``. Scores from a
-reward model are normalised with the statistics stored with it, so the KL coefficient means the same
-whichever RM is used (DESIGN detail 9).
+reward model are normalized with the statistics stored with it, so the KL coefficient means the same
+whichever RM is used (docs/design.md, detail 9).
 """
 
 from __future__ import annotations
@@ -13,24 +13,24 @@ import importlib
 class LocalRewardModel:
     """Scores with ``reward_models.scoring.RewardScorer``: the same rendering as RM training and the API."""
 
-    def __init__(self, path: str, device=None, normalise: bool = True, batch_size: int = 64):
+    def __init__(self, path: str, device=None, normalize: bool = True, batch_size: int = 64):
         from reward_models.scoring import RewardScorer
 
         self.scorer = RewardScorer(path, device=str(device) if device is not None else None)
-        self.normalise, self.batch_size = normalise, batch_size
+        self.normalize, self.batch_size = normalize, batch_size
 
     def __call__(self, prompts, responses):
         items = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
         results = self.scorer.score(items, truncate=True, batch_size=self.batch_size)
-        return [r["normalized_reward"] if self.normalise else r["reward"] for r in results]
+        return [r["normalized_reward"] if self.normalize else r["reward"] for r in results]
 
 
 def load_function(spec: str):
     """``gold`` (the demo task's gold reward) or ``package.module:function``."""
     if spec == "gold":
-        from ..data.demo_task import gold_reward
+        from ..data.demo_task import gold_rewards
 
-        return lambda prompts, responses: [gold_reward(p, r) for p, r in zip(prompts, responses)]
+        return gold_rewards
     module, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"reward_function {spec!r}: expected 'gold' or 'module:function'")
@@ -40,7 +40,7 @@ def load_function(spec: str):
 
 def make_reward_source(cfg, device):
     if cfg.reward_model:
-        return LocalRewardModel(cfg.reward_model, device=device, normalise=cfg.reward_normalization)
+        return LocalRewardModel(cfg.reward_model, device=device, normalize=cfg.reward_normalization)
     if cfg.reward_url:
         import os
 

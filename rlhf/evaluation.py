@@ -1,10 +1,15 @@
-"""``rlhf eval``: a policy against a baseline on held-out prompts.
+"""Evaluating policies on held-out prompts: the figures every stage reports, and the ``rlhf eval`` command.
 
-Both models sample a reply to every prompt with the same seed (so a model compared with itself gives
-identical replies: win rate exactly 0.5, KL 0). Per model: mean reward-model score, gold reward (demo
-task), KL to a reference model on the model's own samples, reply length in tokens, EOS rate, distinct-1/2
-and, when the prompts come from SFT data with reference answers, BLEU (sacrebleu) and ROUGE-L
-(rouge-score). Win rates of the policy over the baseline are per prompt, ties counting half.
+``reply_figures`` is where sampled replies become figures (reward, gold reward, KL to a reference,
+length, EOS rate); PPO's before/after evaluation, SFT's gold evaluation and ``rlhf eval`` all use it,
+after sampling through ``rlhf.generation``.
+
+``rlhf eval``: both models sample a reply to every prompt with the same seed (so a model compared with
+itself gives identical replies: win rate exactly 0.5, KL 0). Per model: mean reward (the reward model's
+normalized score, as PPO uses it), gold reward (demo task), KL to a reference model on the model's own
+samples, reply length in tokens, EOS rate, distinct-1/2 and, when the prompts come from SFT data with
+reference answers, BLEU (sacrebleu) and ROUGE-L (rouge-score). Win rates of the policy over the
+baseline are per prompt, ties counting half.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import torch
 
 from .data import DataFormatError, load_records, prompt_of
 from .data.formats import CONVERTERS
-from .eval import generate_responses
+from .generation import Generations, Sampling, encode_prompts, generate_replies, stop_token_ids
 from .models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model_path
-from .ppo.math import kl_per_token, masked_sum
-from .ppo.rollout import encode_prompts, forward_response
+from .paths import is_local_path
+from .ppo.kl import kl_per_token
+from .ppo.masked import masked_sum
+from .ppo.rollout import forward_response
+from .tensors import pad_rows
 
-METRICS = ("reward", "reward_normalized", "gold_reward", "kl", "response_length", "eos_rate",
+METRICS = ("reward", "gold_reward", "kl", "response_length", "eos_rate",
            "distinct_1", "distinct_2", "bleu", "rouge_l")
 _TOKENS = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: model-independent, so models compare
 
@@ -73,34 +81,47 @@ def rouge_l(hypotheses: list[str], references: list[str]) -> float:
     return sum(scores) / len(scores) if scores else math.nan
 
 
-@torch.no_grad()
-def kl_to_reference(model, ref_model, tokenizer, prompts: list[list[dict]], responses: list[list[int]],
-                    temperature: float, batch_size: int = 16) -> list[float]:
-    """Per prompt, sum over reply tokens of k1 = log p_model - log p_ref (temperature-scaled, as in PPO).
+def logits_fn(model):
+    """``(ids, mask, positions, logits_to_keep) -> logits`` of a transformers causal LM."""
+    return lambda ids, mask, pos, keep: model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                              logits_to_keep=keep).logits
 
-    ``responses`` are the sampled token ids (EOS included): decoded text does not re-encode to the same
-    tokens (byte-level BPE merges, special tokens dropped), and KL is an expectation over the samples.
+
+@torch.no_grad()
+def sequence_kl(policy_fn, ref_fn, tokenizer, gens: Generations, temperature: float,
+                max_prompt_length: int | None = None, batch_size: int = 16, device=None) -> list[float]:
+    """Per reply, the sum over its tokens of k1 = log p_policy - log p_ref, as PPO logs it.
+
+    The sampled token ids are scored, not re-encoded text (decoding and re-encoding may give other tokens,
+    and KL is an expectation over the samples), at the sampling temperature; greedy replies have no
+    sampling distribution, so T = 1 stands in.
     """
-    device = next(model.parameters()).device
+    temperature = temperature if temperature > 0 else 1.0
     out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = responses[start : start + batch_size]
-        q_ids, q_mask, _ = encode_prompts(tokenizer, prompts[start : start + batch_size], 10**9, device)
-        width = max(1, max(len(r) for r in rows))
-        r_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        r_mask = torch.zeros_like(r_ids)
-        for i, r in enumerate(rows):
-            r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            r_mask[i, : len(r)] = 1
-        logp, ref_logp = (forward_response(_logits_fn(m), q_ids, q_mask, r_ids, r_mask, temperature,
-                                           with_values=False)[0] for m in (model, ref_model))
+    for start in range(0, len(gens.prompts), batch_size):
+        rows = gens.token_ids[start : start + batch_size]
+        q_ids, q_mask, _ = encode_prompts(tokenizer, gens.prompts[start : start + batch_size], max_prompt_length,
+                                          device)
+        r_ids, r_mask = pad_rows(rows, tokenizer.pad_token_id, width=1, device=device)
+        logp, ref_logp = (forward_response(fn, q_ids, q_mask, r_ids, r_mask, temperature, with_values=False)[0]
+                          for fn in (policy_fn, ref_fn))
         out += masked_sum(kl_per_token(logp, ref_logp, "k1"), r_mask, dim=1).tolist()
     return out
 
 
-def _logits_fn(model):
-    return lambda ids, mask, pos, keep: model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                              logits_to_keep=keep).logits
+def reply_figures(gens: Generations, sources: dict, kl: list[float] | None = None) -> dict[str, list[float]]:
+    """Per-reply figures: length (tokens, stop included), EOS rate (0/1), KL, and one per reward source
+    (``name -> (prompts, responses) -> list[float]``, e.g. ``reward`` and ``gold_reward``)."""
+    figures = {"response_length": [float(n) for n in gens.lengths], "eos_rate": [float(s) for s in gens.has_stop]}
+    for name, source in sources.items():
+        figures[name] = [float(x) for x in source(gens.prompts, gens.responses)]
+    if kl is not None:
+        figures["kl"] = list(kl)
+    return figures
+
+
+def means(figures: dict[str, list[float]]) -> dict[str, float]:
+    return {key: sum(values) / len(values) if values else math.nan for key, values in figures.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +164,7 @@ def _load_model(name: str, device, cache: dict):
     """(model, tokenizer), loaded once per resolved path: a model named twice (A = B, reference = B) is shared."""
     try:
         path = resolve_model_path(name)
-        if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        if is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             raise OSError("no such model directory")  # transformers would call it an invalid Hub id
         if path not in cache:
             tokenizer = load_tokenizer(path)
@@ -162,8 +183,9 @@ def _load_model(name: str, device, cache: dict):
 
 def evaluate(policy: str, baseline: str, prompts_path: str, reward_model: str | None = None,
              reference: str | None = None, gold: bool | str = "auto", max_prompts: int | None = None,
-             max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
-             device: str | None = None, format: str | None = None, log=None) -> dict:
+             max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             stop_tokens: list[str] | None = None, seed: int = 0, batch_size: int = 16, device: str | None = None,
+             format: str | None = None, log=None) -> dict:
     """Every figure of the module docstring as a dict (see ``format_report``); ``log`` gets progress lines."""
     log = log or (lambda line: None)
     prompts, references, report = load_eval_prompts(prompts_path, format)
@@ -179,59 +201,52 @@ def evaluate(policy: str, baseline: str, prompts_path: str, reward_model: str | 
                                "exists only for the demo task"])
     use_gold = demo if gold == "auto" else bool(gold)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the KL needs logprobs of the distribution that was sampled; greedy has none, so T = 1 stands in
-    kl_temperature = temperature if temperature > 0 else 1.0
     cache: dict = {}
     ref_model, ref_tok = _load_model(reference or baseline, device, cache)
-    scorer = None
+    sources = {}
     if reward_model:
-        from reward_models.scoring import RewardScorer
+        from .ppo.rewards import LocalRewardModel
 
         try:
-            scorer = RewardScorer(reward_model, device=str(device))
+            sources["reward"] = LocalRewardModel(reward_model, device=device, batch_size=batch_size)
         except (OSError, ValueError) as e:
             raise EvalInputError(f"{reward_model}: cannot load the reward model: {e}") from e
+    if use_gold:
+        from .ppo.rewards import load_function
+
+        sources["gold_reward"] = load_function("gold")
 
     models, per_prompt = {}, {}
     for label, name in (("policy", policy), ("baseline", baseline)):
         model, tokenizer = _load_model(name, device, cache)
         log(f"{label}: generating {len(prompts)} replies with {name}")
-        gens = generate_responses(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed)
-        texts, ids = gens.responses, gens.token_ids
-        m = {"model": name, "response_length": _mean(gens.lengths), "eos_rate": _mean(gens.ended_with_eos),
-             "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
-        scores = {}
+        try:
+            sampling = Sampling(max_new_tokens, temperature, top_p, top_k, stop_token_ids(tokenizer, stop_tokens))
+        except ValueError as e:
+            raise EvalInputError(f"{name}: {e}") from e
+        gens = generate_replies(model, tokenizer, prompts, sampling, batch_size, seed)
+        kl = None
         if tokenizer.get_vocab() == ref_tok.get_vocab():
-            scores["kl"] = kl_to_reference(model, ref_model, tokenizer, prompts, ids, kl_temperature, batch_size)
+            kl = sequence_kl(logits_fn(model), logits_fn(ref_model), tokenizer, gens, temperature,
+                             batch_size=batch_size, device=device)
         else:  # another tokenizer: the reference cannot score these tokens
             log(f"{label}: no KL (its tokenizer differs from the reference's)")
-        if scorer is not None:
-            rm = scorer.score([{"prompt": p, "response": t} for p, t in zip(prompts, texts)], truncate=True,
-                              batch_size=batch_size)
-            scores["reward"] = [r["reward"] for r in rm]
-            scores["reward_normalized"] = [r["normalized_reward"] for r in rm]
-        if use_gold:
-            from .data.demo_task import gold_reward
-
-            scores["gold_reward"] = [gold_reward(p, t) for p, t in zip(prompts, texts)]
-        m.update({key: _mean(values) for key, values in scores.items()})
+        figures = reply_figures(gens, sources, kl)
+        m = {"model": name, **means(figures), "distinct_1": distinct_n(gens.responses, 1),
+             "distinct_2": distinct_n(gens.responses, 2)}
         if references is not None:
-            m["bleu"], m["rouge_l"] = bleu(texts, references), rouge_l(texts, references)
-        m["samples"] = [{"prompt": p, "response": t} for p, t in zip(prompts[:3], texts[:3])]
-        models[label], per_prompt[label] = m, scores
+            m["bleu"], m["rouge_l"] = bleu(gens.responses, references), rouge_l(gens.responses, references)
+        m["samples"] = [{"prompt": p, "response": t} for p, t in zip(prompts[:3], gens.responses[:3])]
+        models[label], per_prompt[label] = m, figures
     win_rates = {key: win_rate(per_prompt["policy"][key], per_prompt["baseline"][key])
                  for key in ("reward", "gold_reward") if key in per_prompt["policy"]}
     return {
         "prompts": prompts_path, "format": report.format, "n_prompts": len(prompts),
         "references": references is not None, "reward_model": reward_model, "reference": reference or baseline,
-        "gold": use_gold, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "kl_temperature": kl_temperature, "seed": seed, "models": models, "win_rate": win_rates,
+        "gold": use_gold, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+        "top_k": top_k, "kl_temperature": temperature if temperature > 0 else 1.0, "seed": seed, "models": models,
+        "win_rate": win_rates,
     }
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
 
 
 def format_report(result: dict) -> str:
@@ -276,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="evaluate the first N prompts (default all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--stop-tokens", nargs="+", default=None, help="tokens that end a reply (default: EOS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -295,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(
             args.policy, args.baseline, args.prompts, reward_model=args.reward_model, reference=args.reference,
             gold=args.gold, max_prompts=args.max_prompts,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            stop_tokens=args.stop_tokens, seed=args.seed,
             batch_size=args.batch_size, device=args.device, format=args.format, log=print,
         )
     except (DataFormatError, EvalInputError) as e:

@@ -1,4 +1,4 @@
-"""``rlhf eval`` (rlhf/evaluate.py): metric units, then the command run as a user runs it, in a subprocess."""
+"""rlhf/evaluation.py: metric units, the shared reply figures, then ``rlhf eval`` run as a user runs it."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.evaluate import bleu, distinct_n, kl_to_reference, main, rouge_l, win_rate
+from rlhf.evaluation import bleu, distinct_n, logits_fn, main, rouge_l, sequence_kl, win_rate
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--max-new-tokens", "12", "--batch-size", "8"]
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:
-    """``python -m rlhf.evaluate ARGS`` (what ``rlhf eval`` calls), with the session's RLHF_HOME."""
-    return subprocess.run([sys.executable, "-m", "rlhf.evaluate", *map(str, args)], capture_output=True,
+    """``python -m rlhf eval ARGS`` (the ``rlhf eval`` command), with the session's RLHF_HOME."""
+    return subprocess.run([sys.executable, "-m", "rlhf", "eval", *map(str, args)], capture_output=True,
                           text=True, timeout=180, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -51,20 +51,21 @@ def test_bleu_and_rouge_l_on_hand_known_cases():
 def test_kl_is_zero_against_itself_on_the_exact_sampled_tokens():
     from rlhf.data import load_records
     from rlhf.data.demo_task import demo_data_paths
-    from rlhf.eval import generate_responses
+    from rlhf.generation import Sampling, generate_replies, stop_token_ids
     from rlhf.models import load_causal_lm, load_tokenizer
 
     prompts = [r["prompt"] for r in load_records(demo_data_paths(0)["prompts_eval"], kind="prompt")[0][:6]]
     model, tok = load_causal_lm("tiny:demo"), load_tokenizer("tiny:demo")
-    gens = generate_responses(model, tok, prompts, max_new_tokens=10, batch_size=4, seed=3)
-    ids = gens.token_ids
-    assert [tok.decode(i, skip_special_tokens=True) for i in ids] == gens.responses
-    assert kl_to_reference(model, model, tok, prompts, ids, 0.7, batch_size=4) == [0.0] * 6
+    gens = generate_replies(model, tok, prompts, Sampling(10, stop_token_ids=stop_token_ids(tok)), batch_size=4, seed=3)
+    assert [tok.decode(i, skip_special_tokens=True) for i in gens.token_ids] == gens.responses
+    same = logits_fn(model)
+    assert sequence_kl(same, same, tok, gens, 0.7, batch_size=4) == [0.0] * 6
     other = load_causal_lm("tiny:demo")
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)  # tied to the embeddings: a different distribution everywhere
-    kl = kl_to_reference(model, other, tok, prompts, ids, 1.0, batch_size=4)
-    assert all(math.isfinite(x) for x in kl) and sum(kl) != 0
+    for temperature in (1.0, 0.0):  # greedy replies: KL at T = 1, never NaN
+        kl = sequence_kl(same, logits_fn(other), tok, gens, temperature, batch_size=4)
+        assert all(math.isfinite(x) for x in kl) and sum(kl) != 0
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,6 @@ def test_cli_same_model_and_seed_ties_everywhere(tiny_reward_model):
     assert out["win_rate"]["gold_reward"]["win_rate"] == 0.5
     assert policy["kl"] == baseline["kl"] == 0.0
     assert policy == baseline  # identical replies, identical figures
-    assert policy["reward_normalized"] == pytest.approx((policy["reward"] - 0.5) / 2.0)  # RM's stored stats
     table = result.stdout
     assert "policy    baseline" in table and "by reward" in table and "ties 6" in table
 
@@ -120,7 +120,7 @@ def test_cli_different_policy_on_sft_data_reports_every_metric(tiny_reward_model
     assert out["references"] and out["gold"] and out["format"] == "messages"
     for label in ("policy", "baseline"):
         m = out["models"][label]
-        for key in ("reward", "reward_normalized", "gold_reward", "kl", "response_length", "eos_rate",
+        for key in ("reward", "gold_reward", "kl", "response_length", "eos_rate",
                     "distinct_1", "distinct_2", "bleu", "rouge_l"):
             assert math.isfinite(m[key]), (label, key, m[key])
         assert 0 <= m["bleu"] <= 100 and 0 <= m["rouge_l"] <= 1 and 0 <= m["eos_rate"] <= 1

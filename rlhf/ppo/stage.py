@@ -1,63 +1,46 @@
 """The PPO stage: config -> prompts -> trainer -> evaluation before and after -> saved policy and critic.
 
 Logging: W&B (main process) with TRL's metric names, a local ``metrics.jsonl`` beside the outputs, a
-sample table every ``sample_every`` steps, and a progress bar.
+sample table ``num_sample_generations`` times over the run, and a progress bar.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import format_config, resolved_config
 from ..data.loading import load_records
 from ..data.sources import resolve_stage_data
-from ..distributed import process_state
-from ..eval import generate_responses
+from ..distributed import global_means, process_state, unwrap_for_generation
+from ..evaluation import means, reply_figures, sequence_kl
+from ..generation import generate_replies
 from ..models import ensure_pad_token, load_tokenizer, resolve_model_path
 from ..tracking import init_wandb, log_summary, log_table
-from . import math as ppo_math
 from .actor_critic import reference_logits
-from .rollout import encode_prompts, forward_response
 from .trainer import PPOTrainer
 
 
 @torch.no_grad()
 def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
-    """Held-out figures of the current policy: reward (RM or function), gold reward, KL to the reference,
-    response length and EOS rate. Prompts are split over processes and the figures averaged globally."""
+    """Held-out figures of the current policy: reward (the training reward source), gold reward (demo),
+    KL to the reference, reply length and EOS rate, at ``eval_temperature``. Prompts are split over
+    processes and the figures averaged globally."""
     acc, cfg, tok = trainer.accelerator, trainer.cfg, trainer.tokenizer
     mine = prompts[acc.process_index :: acc.num_processes]
+    sampling = dataclasses.replace(trainer.sampling, temperature=cfg.eval_temperature)
+    with unwrap_for_generation(trainer.model, acc) as bare:
+        gens = generate_replies(bare.generation_model(), tok, mine, sampling, seed=cfg.seed + acc.process_index,
+                                max_prompt_length=cfg.max_prompt_length)
     unwrapped = acc.unwrap_model(trainer.model)
-    gens = generate_responses(unwrapped.generation_model(), tok, mine, cfg.max_new_tokens, cfg.eval_temperature,
-                              seed=cfg.seed + acc.process_index)
-    rewards = trainer.reward_fn(mine, gens.responses)
-    # KL(policy || reference) of the sampled replies, summed over tokens (k1, as logged in training)
-    q_ids, q_mask, _ = encode_prompts(tok, mine, cfg.max_prompt_length, acc.device)
-    rows = gens.token_ids  # the sampled ids: decoding and re-encoding the text may give other tokens
-    width = max(1, max(len(r) for r in rows))
-    r_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long, device=acc.device)
-    r_mask = torch.zeros_like(r_ids)
-    for i, r in enumerate(rows):
-        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        r_mask[i, : len(r)] = 1
-    logp, _, _ = forward_response(lambda *a: unwrapped(*a), q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature)
-    ref_fn = lambda ids, mask, pos, keep: reference_logits(unwrapped, trainer.ref, ids, mask, pos, keep)  # noqa: E731
-    ref_logp, _, _ = forward_response(ref_fn, q_ids, q_mask, r_ids, r_mask, cfg.eval_temperature, with_values=False)
-    kl = ppo_math.kl_per_token(logp, ref_logp, "k1") * r_mask
-    local = {
-        "reward": sum(rewards) / len(rewards),
-        "kl": float(kl.sum(1).mean()),
-        "response_length": sum(gens.lengths) / len(gens.lengths),
-        "eos_rate": sum(gens.ended_with_eos) / len(gens.ended_with_eos),
-    }
-    if trainer.gold_fn is not None:
-        local["gold_reward"] = sum(trainer.gold_fn(mine, gens.responses)) / len(mine)
-    from ..distributed import global_means
-
-    return global_means(acc, local)
+    kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok, gens,
+                     cfg.eval_temperature, cfg.max_prompt_length, device=acc.device)
+    sources = {"reward": trainer.reward_fn, **({"gold_reward": trainer.gold_fn} if trainer.gold_fn else {})}
+    return global_means(acc, means(reply_figures(gens, sources, kl)))
 
 
 def load_prompts(cfg) -> tuple[list[list[dict]], list[list[dict]], list[str]]:
@@ -91,7 +74,7 @@ def run_ppo(cfg) -> dict:
     with state.main_process_first():
         policy_path = resolve_model_path(cfg.model_name_or_path)
         train_prompts, eval_prompts, lines = load_prompts(cfg)
-    tokenizer = load_tokenizer(policy_path)
+    tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trust_remote_code)
     ensure_pad_token(tokenizer)
     trainer = PPOTrainer(cfg, train_prompts, tokenizer, load_ptx(cfg, tokenizer))
     acc, is_main = trainer.accelerator, trainer.accelerator.is_main_process
@@ -103,7 +86,7 @@ def run_ppo(cfg) -> dict:
         print(f"prompts: {len(train_prompts)} training, {len(eval_prompts)} held out; "
               f"per process: {trainer.sizes}")
     run = init_wandb(cfg.output_dir, cfg.wandb_project, cfg.wandb_group, cfg.run_name, config, is_main) \
-        if cfg.report_to == "wandb" else None
+        if "wandb" in cfg.report_to else None
     if cfg.resume:
         trainer.resume()
     before = evaluate_policy(trainer, eval_prompts)
@@ -118,12 +101,12 @@ def run_ppo(cfg) -> dict:
             f.write(json.dumps(metrics) + "\n")
         if run is not None and metrics["step"] % cfg.logging_steps == 0:
             run.log(metrics, step=metrics["step"])
-        if cfg.sample_every and metrics["step"] % cfg.sample_every == 0:
+        if cfg.sample_period and metrics["step"] % cfg.sample_period == 0:
             rows = [[json.dumps(p, ensure_ascii=False), r, float(s)]
                     for p, r, s in zip(rollout.prompts, rollout.responses, rollout.scores)][: cfg.num_samples]
             log_table(run, "samples", ["prompt", "response", "score"], rows, step=metrics["step"])
             for _, r, s in rows[:2]:
-                tqdm_write(f"[step {metrics['step']}] score {s:+.2f}: {r!r}")
+                tqdm.write(f"[step {metrics['step']}] score {s:+.2f}: {r!r}")
 
     trainer.train(on_step)
     after = evaluate_policy(trainer, eval_prompts)
@@ -140,9 +123,3 @@ def run_ppo(cfg) -> dict:
             run.finish()
     acc.wait_for_everyone()
     return summary
-
-
-def tqdm_write(line: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)

@@ -1,8 +1,13 @@
-"""Held-out evaluation of a reward model: accuracy (ties count as wrong), margins, subsets, calibration."""
+"""Held-out evaluation of a reward model, and the ``rlhf eval-rm`` command: accuracy (ties count as wrong),
+margins, a per-subset table and a calibration plot."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
 from collections import defaultdict
 
 from .scoring import RewardScorer, pair_to_ids
@@ -76,3 +81,40 @@ def calibration_plot(margins: list[float], path: str, title: str = "reward model
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf eval-rm", allow_abbrev=False, description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="reward model directory or Hub id")
+    p.add_argument("--data", required=True, nargs="+", help="preference files (several: one subset each)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--max-records", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="longer pairs are cut from the left")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--plot", default="calibration.png", help="where to write the calibration plot (PNG)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf.data import DataFormatError, load_records
+
+    args = build_parser().parse_args(argv)
+    pairs = []
+    try:
+        for path in args.data:
+            records, report = load_records(path, format=args.format, kind="preference", max_records=args.max_records)
+            print("\n".join(report.summary_lines()))
+            name = os.path.basename(path)
+            pairs += [{**r, "subset": r.get("subset") or (name if len(args.data) > 1 else "")} for r in records]
+    except DataFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
+    result = evaluate_pairs(scorer, pairs, batch_size=args.batch_size)
+    print_report(result, title=f"{args.model} (revision {scorer.revision}) on {len(pairs)} pairs")
+    print(f"calibration plot: {calibration_plot(result['margins'], args.plot)}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "margins"}))
+    return 0

@@ -1,0 +1,69 @@
+"""The stage registry: each training stage's config dataclasses, runner, outputs and pipeline inputs.
+
+The ``rlhf`` command, ``rlhf pipeline`` and its dry run all read ``STAGES``: adding a stage is one entry
+here (and its runner). Every stage runs under ``accelerate launch -m rlhf <stage> --config FILE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    runner: str  # "module:function", called with the parsed config objects; returns the summary dict
+    data_kind: str  # what its dataset must hold: sft conversations, preference pairs, or prompts
+    model_keys: tuple[str, ...]  # config keys that name models (the dry run resolves them)
+    # in a pipeline: config key -> the earlier stage whose output directory it takes
+    inputs: dict[str, str] = field(default_factory=dict)
+    summary_file: str = ""  # written into output_dir
+    # (label, summary key) pairs the pipeline's table shows for this stage
+    figures: tuple[tuple[str, str], ...] = ()
+
+    def config_types(self) -> list[type]:
+        from . import config
+
+        if self.name == "ppo":
+            return [config.PPOConfig]
+        from trl import ModelConfig, RewardConfig, SFTConfig  # slow to import: only when needed
+
+        script = {"sft": config.SFTScriptArguments, "reward": config.RewardScriptArguments}[self.name]
+        return [script, ModelConfig, SFTConfig if self.name == "sft" else RewardConfig]
+
+    def parse(self, argv: list[str] | None = None) -> tuple:
+        from .config import parse_stage_args
+
+        return tuple(parse_stage_args(self.config_types(), argv))
+
+    def run(self, parsed: tuple) -> dict:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)(*parsed)
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage(
+        "sft", "supervised fine-tuning on demonstrations (trl.SFTTrainer)", "rlhf.sft:run_sft", "sft",
+        ("model_name_or_path",), summary_file="sft_summary.json",
+        figures=(("train loss", "train_loss"), ("eval loss", "eval_loss"))),
+    "reward": Stage(
+        "reward", "reward model on preference pairs (trl.RewardTrainer)", "reward_models.train:run_reward",
+        "preference", ("model_name_or_path",), inputs={"model_name_or_path": "sft"},
+        summary_file="reward_summary.json",
+        figures=(("held-out accuracy", "eval/accuracy"), ("mean margin", "eval/mean_margin"),
+                 ("truncated pairs", "truncated_pairs"))),
+    "ppo": Stage(
+        "ppo", "PPO against the reward model under a KL penalty (ours, on accelerate)", "rlhf.ppo.stage:run_ppo",
+        "prompt", ("model_name_or_path", "ref_model", "reward_model", "critic_model"),
+        inputs={"model_name_or_path": "sft", "reward_model": "reward"}, summary_file="ppo_summary.json",
+        figures=(("final KL", "ppo/kl"), ("RM reward before", "sft/reward"), ("RM reward after", "ppo/reward"))),
+}
+
+
+def stage_command(name: str, argv: list[str]) -> int:
+    """``rlhf <stage> --config FILE [key=value ...]``: parse the stage's config and run it in this process."""
+    stage = STAGES[name]
+    stage.run(stage.parse(argv))
+    return 0
