@@ -51,9 +51,11 @@ class Generations:
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str] | None = None) -> tuple[int, ...]:
-    """Ids of ``stop_tokens`` (default: the tokenizer's EOS); a token the vocabulary lacks is an error,
-    not a stop that silently never happens."""
-    tokens = list(stop_tokens or [tokenizer.eos_token])
+    """Ids of ``stop_tokens``; by default the chat template's end-of-turn token (and EOS, when it is another
+    token). A token the vocabulary lacks is an error, not a stop that silently never happens."""
+    from .models import end_of_turn_token
+
+    tokens = list(stop_tokens or dict.fromkeys([end_of_turn_token(tokenizer), tokenizer.eos_token]))
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
     if missing:

@@ -24,21 +24,48 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def ensure_pad_token(tokenizer, model=None) -> None:
+def ensure_pad_token(tokenizer, model=None) -> bool:
     """Give the tokenizer a pad token distinct from EOS (docs/design.md, detail 1: never pad = EOS).
 
     With pad = EOS the collator masks every EOS as padding, the policy never learns to stop, and a
-    reward model reads the wrong token. Tokenizers without one get ``<|pad|>`` (embeddings resized).
+    reward model reads the wrong token. Tokenizers without one get ``<|pad|>``. Returns whether a token
+    was added; every model that reads this tokenizer's ids must then be ``fit_to_tokenizer``-ed.
     """
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    added = False
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added = True
     if model is not None:
-        if tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        fit_to_tokenizer(model, tokenizer)
+    return added
+
+
+def fit_to_tokenizer(model, tokenizer, label: str = "model") -> None:
+    """Make ``model`` read ``tokenizer``'s ids: embeddings grown to hold an added pad token (never shrunk:
+    checkpoints such as Qwen's ship more rows than their tokenizer has), pad ids in its configs."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.pad_token_id >= rows:
+        if len(tokenizer) - rows > 1:  # more than the pad token is missing: another tokenizer's model
+            raise ValueError(f"{label} has {rows} token embeddings but the tokenizer has {len(tokenizer)} tokens: "
+                             "it was trained with another tokenizer, and every model here must read the policy's ids")
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token the chat template closes an assistant turn with (``<|im_end|>`` for ChatML, ``<|end|>`` for the
+    tiny model), falling back to EOS: where replies stop and where the reward model reads its score."""
+    marker = "\x00reply\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses these roles: EOS is all we know
+        return tokenizer.eos_token
+    after = text[text.rindex(marker) + len(marker):] if marker in text else ""
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((t for t in specials if t and after.lstrip(" ").startswith(t)), tokenizer.eos_token)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -63,14 +90,25 @@ def load_causal_lm(name_or_path: str, dtype: str | None = None, revision: str | 
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout makes logprobs of the same tokens differ between passes, which breaks PPO's ratio = 1."""
+    """Dropout makes logprobs of the same tokens differ between passes, which breaks PPO's ratio = 1.
+
+    Setting the config is not enough: Llama, Mistral and Qwen copy ``attention_dropout`` into their attention
+    modules at init, OPT copies ``dropout`` and ``layerdrop`` into its layers, GPT-2 builds ``nn.Dropout``
+    modules. So every dropout module gets p = 0, every float attribute of a module whose name says drop
+    becomes 0, and so does every such config field (for models built from the config later).
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+    configs = [config, *(getattr(config, k, None) for k in ("text_config", "decoder"))] if config is not None else []
+    for cfg in (c for c in configs if c is not None and hasattr(c, "to_dict")):
+        for name, value in cfg.to_dict().items():
+            if "drop" in name and isinstance(value, float):
+                setattr(cfg, name, 0.0)
 
 
 def freeze_lower_layers(model, freeze_layers: int = 0, train_top_layers: int | None = None) -> tuple[int, int]:

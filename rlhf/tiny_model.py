@@ -49,22 +49,26 @@ class TinyModelSpec:
     seed: int = 0
 
 
-def build_tiny_tokenizer(texts: list[str], vocab_size: int = 1024):
-    """Byte-level BPE trained on ``texts``: lossless for any Unicode, with a pad token distinct from EOS."""
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 1024, pad_token: str | None = PAD_TOKEN):
+    """Byte-level BPE trained on ``texts``: lossless for any Unicode, with a pad token distinct from EOS.
+
+    ``pad_token=None`` (no pad, as GPT-2 ships) or ``EOS_TOKEN`` (pad = EOS, as many chat models ship)
+    build the quirks real checkpoints bring, for tests.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    specials = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS]
+    specials = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS] if pad_token == PAD_TOKEN else [EOS_TOKEN, *ROLE_TOKENS]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+        tokenizer_object=backend, pad_token=pad_token, eos_token=EOS_TOKEN,
         additional_special_tokens=ROLE_TOKENS, padding_side="right",
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE

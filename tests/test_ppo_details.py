@@ -1,6 +1,8 @@
 """PPO's implementation details (docs/design.md, details 1-12) on the tiny model: each asserted where it
 can be seen -- the tokens, the models a topology builds, one rollout step, the metrics of a run."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -93,3 +95,52 @@ def test_batch_arithmetic_is_checked_once_at_start():
         PPOConfig(reward_model="x", reward_function="gold").derive(1)
     sizes = PPOConfig(batch_size=64, num_minibatches=2, gradient_accumulation_steps=4, reward_function="gold").derive(2)
     assert (sizes.local_batch_size, sizes.local_minibatch_size, sizes.micro_batch_size) == (32, 16, 4)
+
+
+@pytest.fixture(scope="module")
+def rm_with_statistics(untrained_rm, tmp_path_factory):
+    """The untrained RM with the statistics the reward stage would store (raw scores ~ N(1.9, 4.0^2))."""
+    import shutil
+
+    from reward_models.scoring import RewardScorer, pair_to_ids, save_reward_stats
+    from reward_models.train import reward_statistics
+    from rlhf.data import load_records
+    from rlhf.data.demo_task import demo_data_paths
+
+    out = tmp_path_factory.mktemp("rm_stats") / "rm"
+    shutil.copytree(untrained_rm, out)
+    scorer = RewardScorer(str(out))
+    pairs, _ = load_records(demo_data_paths(0)["pairs_train"], kind="preference", max_records=200)
+    rows = [dict(zip(("chosen_ids", "rejected_ids"), pair_to_ids(scorer.tokenizer, p, 256)[:2])) for p in pairs]
+    mean, std = reward_statistics(scorer, rows)
+    assert std > 2  # a raw scale far from the normalized scores PPO trains on
+    save_reward_stats(str(out), mean, std)
+    return out, std
+
+
+@pytest.mark.parametrize("topology", ["separate", "shared"])
+def test_a_critic_from_the_reward_model_starts_on_the_scale_of_the_returns(tmp_path, rm_with_statistics, topology,
+                                                                           monkeypatch):
+    rm, std = rm_with_statistics
+
+    def first_value_loss():
+        cfg = make_config(tmp_path, f"reward_model={rm}", f"topology={topology}", reward_function="null",
+                          max_steps=1, ppo_epochs=1, num_minibatches=1)
+        return trainer_for(cfg).step()["loss/value_avg"]
+
+    folded = first_value_loss()  # the head is the RM's divided by its stored std (detail 11 meets detail 9)
+    monkeypatch.setattr("rlhf.ppo.actor_critic._value_scale", lambda config, normalized: 1.0)
+    raw = first_value_loss()  # the RM's head as it is: values on the raw scale, returns on the normalized one
+    assert folded < 1.5 and folded < raw / 4, (folded, raw)
+
+
+def test_greedy_evaluation_has_a_finite_kl_and_honours_the_stop_tokens(tmp_path):
+    from rlhf.ppo.stage import evaluate_policy, load_prompts
+
+    cfg = make_config(tmp_path, "--stop_tokens", "<|end|>", "<|user|>", eval_temperature=0, max_new_tokens=6)
+    trainer = trainer_for(cfg)
+    trainer.train()
+    _, held_out, _ = load_prompts(cfg)
+    figures = evaluate_policy(trainer, held_out)
+    assert math.isfinite(figures["kl"]) and figures["kl"] != 0  # greedy: KL at T = 1, not NaN
+    assert trainer.sampling.stop_token_ids == tuple(trainer.tokenizer.convert_tokens_to_ids(["<|end|>", "<|user|>"]))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from ..models import disable_dropout, ensure_pad_token, resolve_model_path
+from ..models import disable_dropout, ensure_pad_token, fit_to_tokenizer, resolve_model_path
 
 
 def _dtype(name: str):
@@ -42,6 +42,7 @@ def _load_score_head(path: str | None, trust_remote_code: bool = False) -> nn.Li
         return None
     rm = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), num_labels=1,
                                                             trust_remote_code=trust_remote_code)
+    rm.score.rm_config = rm.config  # its stored reward statistics scale the value head
     return rm.score
 
 
@@ -176,8 +177,20 @@ def reference_logits(actor_critic, ref_model, input_ids, attention_mask, positio
         return actor_critic.model(**kwargs).logits
 
 
+def _value_scale(critic_config, normalized: bool) -> float:
+    """PPO's scores are (r - mean) / std of the RM's stored statistics; a value head copied from that RM's
+    score head is on the raw scale, so it is divided by std to start near the returns' scale (the initial
+    value loss is then small instead of ~std^2). The mean cannot move into a bias-free head: it stays as an
+    offset of mean/std, near 0 for an RM trained with center_rewards_coefficient."""
+    from reward_models.scoring import REWARD_STD_KEY
+
+    std = getattr(critic_config, REWARD_STD_KEY, None) if normalized else None
+    return 1.0 / float(std) if std else 1.0
+
+
 def build_actor_critic(cfg, tokenizer):
-    """(actor_critic, ref_model or None) for ``cfg.topology``; dropout is off everywhere (docs/design.md, detail 3)."""
+    """(actor_critic, ref_model or None) for ``cfg.topology``. Every model is fit to the policy's tokenizer
+    (an added pad token grows each one's embeddings alike) and has dropout off (docs/design.md, details 1, 3)."""
     dtype = _dtype(cfg.dtype)
     policy_path = resolve_model_path(cfg.model_name_or_path)
     critic_path = cfg.critic_model or cfg.reward_model
@@ -188,26 +201,32 @@ def build_actor_critic(cfg, tokenizer):
     if cfg.topology in ("separate", "shared"):
         ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.ref_model or policy_path), dtype=dtype,
                                                    **remote)
-        ref.config.pad_token_id = tokenizer.pad_token_id
+        fit_to_tokenizer(ref, tokenizer, "the reference model")
         disable_dropout(ref)
         ref.eval().requires_grad_(False)
+    normalized = cfg.reward_normalization and critic_path is not None
     if cfg.topology == "separate":
         critic_source = resolve_model_path(critic_path or policy_path)
         critic = AutoModelForSequenceClassification.from_pretrained(critic_source, num_labels=1, dtype=dtype, **remote)
-        critic.config.pad_token_id = tokenizer.pad_token_id
-        if critic.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            raise ValueError(f"critic {critic_source} has a smaller vocabulary than the policy's tokenizer; "
-                             "the critic reads policy tokens, so it must share the policy's tokenizer")
+        fit_to_tokenizer(critic, tokenizer, f"the critic ({critic_source})")
+        with torch.no_grad():
+            critic.score.weight.mul_(_value_scale(critic.config, normalized))
         model = SeparateActorCritic(policy, critic)
-    elif cfg.topology == "shared":
-        model = SharedActorCritic(policy, _value_head_like(_load_score_head(critic_path, cfg.trust_remote_code), policy.config.hidden_size))
     else:
-        from peft import LoraConfig, get_peft_model
+        score = _load_score_head(critic_path, cfg.trust_remote_code)
+        head = _value_head_like(score, policy.config.hidden_size)
+        if score is not None:
+            with torch.no_grad():
+                head.weight.mul_(_value_scale(score.rm_config, normalized))
+        if cfg.topology == "shared":
+            model = SharedActorCritic(policy, head)
+        else:
+            from peft import LoraConfig, get_peft_model
 
-        lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_target_modules,
-                    task_type="CAUSAL_LM")
-        peft_model = get_peft_model(policy, LoraConfig(**lora))
-        peft_model.add_adapter("critic", LoraConfig(**lora))
-        model = LoraActorCritic(peft_model, _value_head_like(_load_score_head(critic_path, cfg.trust_remote_code), policy.config.hidden_size))
+            lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+            peft_model = get_peft_model(policy, LoraConfig(**lora))
+            peft_model.add_adapter("critic", LoraConfig(**lora))
+            model = LoraActorCritic(peft_model, head)
     disable_dropout(model)
     return model, ref
