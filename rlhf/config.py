@@ -99,7 +99,16 @@ class PPOConfig(TrackingArguments, DataArguments):
     lora_r: int = field(default=16, metadata=_help("lora topology: adapter rank."))
     lora_alpha: int = field(default=32, metadata=_help("lora topology: adapter scale."))
     lora_target_modules: list[str] | None = field(default=None, metadata=_help("Default: peft's per architecture."))
-    dtype: str = field(default="float32", metadata=_help("Weights dtype: float32 | bfloat16 | float16."))
+    dtype: str = field(default="float32", metadata=_help(
+        "Weights dtype: float32 (trained weights stay fp32; compute precision is bf16/fp16 below). bfloat16 / "
+        "float16 only with topology lora, where the base is frozen and the adapters stay fp32."))
+    bf16: bool = field(default=False, metadata=_help("bf16 autocast over fp32 master weights (also: the accelerate "
+                                                     "config's mixed_precision)."))
+    fp16: bool = field(default=False, metadata=_help("fp16 autocast with a grad scaler (CUDA only)."))
+    activation_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in the backward: "
+                                                                         "memory for compute."))
+    attn_implementation: str | None = field(default=None, metadata=_help("sdpa | eager | flash_attention_2; "
+                                                                         "default: transformers' choice."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow models whose code ships with the checkpoint."))
     # rollout
     batch_size: int = field(default=64, metadata=_help("Prompts per PPO step, over all processes."))
@@ -108,6 +117,8 @@ class PPOConfig(TrackingArguments, DataArguments):
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature (logprobs use the same)."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling; 1 = off."))
     top_k: int = field(default=0, metadata=_help("0 = off; 1 makes sampling deterministic (tests)."))
+    local_rollout_forward_batch_size: int = field(default=64, metadata=_help(
+        "Sequences per forward pass when scoring a rollout (logprobs, values): bounds the logits' memory."))
     stop_tokens: list[str] | None = field(default=None, metadata=_help("Tokens that end a reply; default: EOS."))
     missing_stop_penalty: float = field(default=1.0, metadata=_help("Subtracted from a reply with no stop token."))
     reward_normalization: bool = field(default=True, metadata=_help("Normalize RM scores by its stored mean/std."))
@@ -117,6 +128,11 @@ class PPOConfig(TrackingArguments, DataArguments):
     num_minibatches: int = field(default=1, metadata=_help("Optimiser steps per pass."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimiser step."))
     clip_range: float = field(default=0.2, metadata=_help("Policy ratio clip epsilon."))
+    clip_range_high: float | None = field(default=None, metadata=_help(
+        "Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); default: clip_range."))
+    loss_agg_mode: str = field(default="token-mean", metadata=_help(
+        "token-mean | seq-mean-token-sum | seq-mean-token-mean, over the whole minibatch (all processes).",
+        choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")))
     clip_range_value: float = field(default=0.2, metadata=_help("Value clip around the rollout's values."))
     vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
     ent_coef: float = field(default=0.0, metadata=_help("Entropy bonus weight; 0 = off."))
@@ -161,7 +177,8 @@ class PPOConfig(TrackingArguments, DataArguments):
 
     def __post_init__(self):
         _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
-                             "reward_function", "critic_model", "ptx_dataset", "kl_target"))
+                             "reward_function", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
+                             "attn_implementation"))
         if isinstance(self.report_to, str):  # `report_to: wandb` as in TrainingArguments
             self.report_to = [self.report_to]
         self.report_to = [r for r in self.report_to if r != "none"]
@@ -184,6 +201,11 @@ class PPOConfig(TrackingArguments, DataArguments):
         """Steps between sample tables (TRL: max_steps // num_sample_generations); 0 = none."""
         return max(1, self.max_steps // self.num_sample_generations) if self.num_sample_generations else 0
 
+    @property
+    def mixed_precision(self) -> str | None:
+        """accelerate's mixed_precision, when this config sets it (else the accelerate config/launch decides)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else None
+
     def derive(self, world_size: int) -> PPODerived:
         """Per-process batch sizes, checked once: every split must be exact."""
         if self.batch_size % world_size:
@@ -197,6 +219,14 @@ class PPOConfig(TrackingArguments, DataArguments):
                              f"{self.gradient_accumulation_steps}")
         if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function)) != 1:
             raise ValueError("set exactly one of reward_model, reward_url, reward_function")
+        if self.dtype != "float32" and self.topology != "lora":
+            raise ValueError(
+                f"dtype: {self.dtype} would store the trained weights in {self.dtype} and let AdamW update them in "
+                "place, where updates below the format's resolution are lost (10 steps at lr 1e-6 changed 1.9% of "
+                "the weights in bf16, 99.98% in fp32). Keep dtype: float32 and set bf16: true (fp32 master weights, "
+                "bf16 compute), or use topology: lora, whose frozen base may be bf16")
+        if self.bf16 and self.fp16:
+            raise ValueError("set bf16 or fp16, not both")
         return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps)
 
 

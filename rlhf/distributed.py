@@ -20,10 +20,14 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def make_accelerator(gradient_accumulation_steps: int):
+def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str | None = None):
+    """The PPO stage's Accelerator; ``mixed_precision`` from the stage config wins over the launch config's."""
     from accelerate import Accelerator
 
-    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise ValueError("fp16 mixed precision needs a CUDA device (its grad scaler); on CPU use bf16")
+    return accelerator
 
 
 def global_masked_mean_var(accelerator, x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True):
@@ -51,8 +55,13 @@ def global_means(accelerator, values: dict[str, torch.Tensor | float]) -> dict[s
 
 
 def global_sum(accelerator, value: float) -> float:
-    return float(accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device),
-                                    reduction="sum"))
+    return global_sums(accelerator, [value])[0]
+
+
+def global_sums(accelerator, values: list[float]) -> list[float]:
+    """Each value summed over processes, in one collective."""
+    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(local, reduction="sum").tolist()
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
@@ -191,3 +192,48 @@ def test_logprobs_from_logits_upcasts_to_fp32():
     assert lp.dtype == torch.float32
     manual = torch.log_softmax(logits.float() / 0.5, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(lp, manual)
+
+
+def test_chunked_logprobs_and_entropy_equal_the_full_softmax_with_gradients(monkeypatch):
+    import rlhf.ppo.losses as losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=gen, dtype=torch.float32, requires_grad=True)
+    tokens = torch.randint(50, (3, 5), generator=gen)
+    full = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (full_grad,) = torch.autograd.grad(full.sum(), logits)
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 50 * 2)  # two rows per chunk: eight chunks
+    chunked = losses.logprobs_from_logits(logits, tokens, 0.7)
+    (chunked_grad,) = torch.autograd.grad(chunked.sum(), logits)
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(chunked_grad, full_grad)
+    p = torch.softmax(logits.detach(), -1)
+    torch.testing.assert_close(losses.entropy_from_logits(logits.detach()), -(p * p.log()).sum(-1))
+
+
+def test_loss_aggregation_modes_by_hand():
+    from rlhf.ppo.losses import Normalizer, aggregate_loss
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate_loss(per_token, mask, "token-mean").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate_loss(per_token, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(per_token, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    # split in two micro-batches whose shares are divided by the whole batch's counts: they add up
+    norm = Normalizer(tokens=4.0, sequences=2.0)
+    for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+        halves = sum(aggregate_loss(per_token[i : i + 1], mask[i : i + 1], mode, norm) for i in (0, 1))
+        assert halves.item() == pytest.approx(aggregate_loss(per_token, mask, mode).item())
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        aggregate_loss(per_token, mask, "sum")
+
+
+def test_clip_higher_widens_only_the_upper_side():
+    old = torch.zeros(1, 2, dtype=F64)
+    logp = torch.tensor([[math.log(1.25), math.log(0.7)]], dtype=F64)
+    adv = torch.tensor([[1.0, -1.0]], dtype=F64)
+    mask = torch.ones(1, 2)
+    _, symmetric = policy_loss(logp, old, adv, mask, clip_range=0.2)
+    _, higher = policy_loss(logp, old, adv, mask, clip_range=0.2, clip_range_high=0.28)
+    assert symmetric["clipfrac"].item() == pytest.approx(1.0)  # 1.25 > 1.2 and 0.7 < 0.8: both clipped
+    assert higher["clipfrac"].item() == pytest.approx(0.5)  # 1.25 < 1.28 now passes; 0.7 still clipped

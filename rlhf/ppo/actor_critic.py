@@ -194,7 +194,7 @@ def build_actor_critic(cfg, tokenizer):
     dtype = _dtype(cfg.dtype)
     policy_path = resolve_model_path(cfg.model_name_or_path)
     critic_path = cfg.critic_model or cfg.reward_model
-    remote = {"trust_remote_code": cfg.trust_remote_code}
+    remote = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, **remote)
     ensure_pad_token(tokenizer, policy)
     ref = None
@@ -229,4 +229,8 @@ def build_actor_critic(cfg, tokenizer):
             peft_model.add_adapter("critic", LoraConfig(**lora))
             model = LoraActorCritic(peft_model, head)
     disable_dropout(model)
+    if cfg.activation_checkpointing:  # trained models only: the frozen reference keeps no activations anyway
+        trained = [policy, *([model.critic] if cfg.topology == "separate" else [])]
+        for m in trained:
+            m.activation_checkpointing_enable({"use_reentrant": False})
     return model, ref

@@ -33,14 +33,16 @@ def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
     acc, cfg, tok = trainer.accelerator, trainer.cfg, trainer.tokenizer
     mine = prompts[acc.process_index :: acc.num_processes]
     sampling = dataclasses.replace(trainer.sampling, temperature=cfg.eval_temperature)
-    with unwrap_for_generation(trainer.model, acc) as bare:
+    with unwrap_for_generation(trainer.model, acc) as bare, acc.autocast():  # the training precision throughout
         gens = generate_replies(bare.generation_model(), tok, mine, sampling, seed=cfg.seed + acc.process_index,
                                 max_prompt_length=cfg.max_prompt_length)
     unwrapped = acc.unwrap_model(trainer.model)
-    kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok, gens,
-                     cfg.eval_temperature, cfg.max_prompt_length, device=acc.device)
-    sources = {"reward": trainer.reward_fn, **({"gold_reward": trainer.gold_fn} if trainer.gold_fn else {})}
-    return global_means(acc, means(reply_figures(gens, sources, kl)))
+    with acc.autocast():
+        kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok,
+                         gens, cfg.eval_temperature, cfg.max_prompt_length, device=acc.device)
+        sources = {"reward": trainer.reward_fn, **({"gold_reward": trainer.gold_fn} if trainer.gold_fn else {})}
+        figures = reply_figures(gens, sources, kl)
+    return global_means(acc, means(figures))
 
 
 def load_prompts(cfg) -> tuple[list[list[dict]], list[list[dict]], list[str]]:

@@ -17,6 +17,7 @@ from ..distributed import (
     global_masked_mean_var,
     global_means,
     global_sum,
+    global_sums,
     make_accelerator,
     unwrap_for_generation,
 )
@@ -26,7 +27,7 @@ from . import guards
 from .actor_critic import build_actor_critic, reference_logits
 from .advantages import gae, shaped_rewards
 from .kl import kl_per_token, make_kl_controller
-from .losses import policy_loss, value_loss
+from .losses import Normalizer, policy_loss, value_loss
 from .masked import masked_mean, whiten
 from .metrics import PhaseTimer, RunningMeans, rollout_statistics
 from .rewards import gold_source, make_reward_source
@@ -41,7 +42,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.cfg, self.tokenizer, self.prompts, self.ptx = cfg, tokenizer, prompts, ptx_examples
-        self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps)
+        self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
         self.sizes = cfg.derive(acc.num_processes)
         set_seed(cfg.seed, device_specific=True)  # each process samples differently, reproducibly
         model, self.ref = build_actor_critic(cfg, tokenizer)
@@ -80,7 +81,7 @@ class PPOTrainer:
             with timer("time/reference"):
                 ro.logprobs, ro.values, ro.ref_logprobs = self.logprobs_and_values(ro)
             # 2. Score: the reward source reads the decoded replies; no stop token costs a penalty
-            with timer("time/reward"):
+            with timer("time/reward"), acc.autocast():  # an in-process RM scores in the policy's precision
                 ro.raw_scores = torch.tensor(self.reward_fn(ro.prompts, ro.responses), dtype=torch.float32,
                                              device=acc.device)
             ro.scores = ro.raw_scores - cfg.missing_stop_penalty * (~ro.has_stop).float()
@@ -114,25 +115,28 @@ class PPOTrainer:
                 cfg.seed, "minibatches", self.progress.step, epoch, self.accelerator.process_index))
             for first, start in enumerate(range(0, sizes.local_batch_size, sizes.local_minibatch_size)):
                 minibatch = order[start : start + sizes.local_minibatch_size]
+                norm = self.loss_normalizer(ro.response_mask[minibatch.to(ro.response_mask.device)])
                 for micro in minibatch.split(sizes.micro_batch_size):
-                    means.add(self.micro_step(ro.select(micro), advantages[micro], returns[micro],
+                    means.add(self.micro_step(ro.select(micro), advantages[micro], returns[micro], norm,
                                               check_ratio=epoch == 0 and first == 0))
                     if self.accelerator.sync_gradients:
                         means.add({"train/grad_norm": self.optimizer_step()})
         return means.means()
 
-    def micro_step(self, mb: Rollout, advantages, returns, check_ratio: bool) -> dict:
-        """Forward and backward of one micro-batch (the optimiser steps once per minibatch)."""
+    def micro_step(self, mb: Rollout, advantages, returns, norm: Normalizer, check_ratio: bool) -> dict:
+        """Forward and backward of one micro-batch (the optimiser steps once per minibatch): its losses are its
+        share of the minibatch-wide ``loss_agg_mode`` mean, whatever the micro-batch size or process count."""
         cfg, acc, n = self.cfg, self.accelerator, self.progress.step + 1
         mask = mb.response_mask.float()
         with acc.accumulate(self.model):
             logprobs, values, entropy = forward_response(self.model, mb.query_ids, mb.query_mask, mb.response_ids,
                                                          mb.response_mask, cfg.temperature,
                                                          with_entropy="grad" if cfg.ent_coef else True)
-            pg_loss, pg = policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.clip_range)
+            pg_loss, pg = policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.clip_range, cfg.clip_range_high,
+                                      cfg.loss_agg_mode, norm)
             if check_ratio:
                 guards.check_first_ratio(n, float(pg["ratio_max_dev"]), cfg.ratio_check_tolerance)
-            vf_loss, vf = value_loss(values, mb.values, returns, mask, cfg.clip_range_value)
+            vf_loss, vf = value_loss(values, mb.values, returns, mask, cfg.clip_range_value, cfg.loss_agg_mode, norm)
             mean_entropy = masked_mean(entropy, mask)
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
             ptx_loss = self.ptx_loss() if self.ptx and cfg.ptx_coef > 0 else None
@@ -165,22 +169,38 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts) -> Rollout:
+        """Sample under the training forward's precision (bf16 autocast when mixed precision is on)."""
         acc, tok = self.accelerator, self.tokenizer
         q_ids, q_mask, _ = encode_prompts(tok, prompts, self.cfg.max_prompt_length, acc.device)
-        with unwrap_for_generation(self.model, acc) as bare:
+        with unwrap_for_generation(self.model, acc) as bare, acc.autocast():
             r_ids, r_mask, has_stop = generate(bare.generation_model(), q_ids, q_mask, self.sampling, tok.pad_token_id)
         return Rollout(q_ids, q_mask, r_ids, r_mask, has_stop, list(prompts), decode_responses(tok, r_ids, r_mask))
 
     @torch.no_grad()
     def logprobs_and_values(self, ro: Rollout):
+        """Policy logprobs, values and reference logprobs, ``local_rollout_forward_batch_size`` sequences per
+        forward (the logits of a large vocabulary for the whole batch would not fit), all under the
+        training forward's precision."""
         unwrapped, temperature = self.accelerator.unwrap_model(self.model), self.cfg.temperature
-        tensors = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, temperature)
-        logprobs, values, _ = forward_response(unwrapped, *tensors)
         ref_fn = lambda *a: reference_logits(unwrapped, self.ref, *a)  # noqa: E731
-        ref_logprobs, _, _ = forward_response(ref_fn, *tensors, with_values=False)
-        return logprobs, values, ref_logprobs
+        parts = []
+        for index in torch.arange(len(ro.prompts)).split(self.cfg.local_rollout_forward_batch_size):
+            mb = ro.select(index)
+            tensors = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, temperature)
+            with self.accelerator.autocast():
+                logprobs, values, _ = forward_response(unwrapped, *tensors)
+                ref_logprobs, _, _ = forward_response(ref_fn, *tensors, with_values=False)
+            parts.append((logprobs, values, ref_logprobs))
+        return tuple(torch.cat(chunk) for chunk in zip(*parts))
 
     # ------------------------------------------------------------------ update plumbing
+
+    def loss_normalizer(self, minibatch_mask: torch.Tensor) -> Normalizer:
+        """The minibatch's real tokens and sequences over all processes, per averaged micro-batch loss (the
+        backward divides by the accumulation steps, the gradient all-reduce by the process count)."""
+        tokens, sequences = global_sums(self.accelerator, [minibatch_mask.sum(), minibatch_mask.shape[0]])
+        shares = self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
+        return Normalizer(max(tokens, 1.0) / shares, sequences / shares)
 
     def optimizer_step(self) -> float:
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
