@@ -90,16 +90,25 @@ class SeparateActorCritic(nn.Module):
         tokenizer.save_pretrained(os.path.join(out, "critic"))
 
 
+def last_hidden_and_logits(lm, logits_to_keep: int = 0, **inputs):
+    """A causal LM's last hidden states [B, L, H] and the logits of its last ``logits_to_keep`` positions from
+    one pass, without ``output_hidden_states`` (which would keep every layer's states alive)."""
+    if any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        out = lm(**inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)  # the model shapes its logits
+        return out.hidden_states[-1], out.logits
+    hidden = lm.base_model(**inputs).last_hidden_state
+    return hidden, lm.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+
 class SharedActorCritic(nn.Module):
     def __init__(self, policy, value_head: nn.Linear):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, logits_to_keep=logits_to_keep)
-        hidden = out.hidden_states[-1]
-        return out.logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        hidden, logits = last_hidden_and_logits(self.policy, logits_to_keep, input_ids=input_ids,
+                                                attention_mask=attention_mask, position_ids=position_ids)
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def generation_model(self):
         return self.policy
@@ -138,7 +147,7 @@ class LoraActorCritic(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         self._use("critic")
-        hidden = self.model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        hidden = self.model.get_base_model().base_model(**kwargs).last_hidden_state  # no logits needed
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         self._use("default")
         return self.model(**kwargs, logits_to_keep=logits_to_keep).logits, values
