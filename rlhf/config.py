@@ -91,7 +91,11 @@ class PPOConfig(TrackingArguments, DataArguments):
     ref_model: str | None = field(default=None, metadata=_help("Frozen KL reference; default: the policy."))
     reward_model: str | None = field(default=None, metadata=_help("Local reward model (sequence classifier)."))
     reward_url: str | None = field(default=None, metadata=_help("Scoring API base URL instead of a local RM."))
-    reward_function: str | None = field(default=None, metadata=_help("'gold' (demo task) or 'module:function'."))
+    reward_function: str | None = field(default=None, metadata=_help(
+        "'gold' (demo task) or 'module:function' taking (prompt, response) -> float."))
+    rewards: list[str] | None = field(default=None, metadata=_help(
+        "Several weighted reward sources (YAML list of {model|url|function, weight, name}; on the command line "
+        "as JSON objects); see the README."))
     critic_model: str | None = field(default=None, metadata=_help("Where the critic starts; default: the RM."))
     topology: str = field(default="separate", metadata=_help(
         "separate (policy + critic from the RM + reference copy) | lora (one frozen base: policy and critic "
@@ -123,6 +127,15 @@ class PPOConfig(TrackingArguments, DataArguments):
     missing_stop_penalty: float = field(default=1.0, metadata=_help("Subtracted from a reply with no stop token."))
     reward_normalization: bool = field(default=True, metadata=_help("Normalize RM scores by its stored mean/std."))
     whiten_rewards: bool = field(default=False, metadata=_help("Whiten per-token rewards over the batch."))
+    # the estimator family
+    advantage_estimator: str = field(default="gae", metadata=_help(
+        "gae (PPO with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free: no critic is built).",
+        choices=("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")))
+    samples_per_prompt: int = field(default=1, metadata=_help("Replies sampled per prompt (a group; >= 2 for grpo, "
+                                                              "dr_grpo, rloo)."))
+    kl_penalty: str = field(default="reward", metadata=_help(
+        "Where beta*KL goes: reward (per token, PPO/REINFORCE++) | loss (a KL term, GRPO-style) | none.",
+        choices=("reward", "loss", "none")))
     # PPO
     ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
     num_minibatches: int = field(default=1, metadata=_help("Optimiser steps per pass."))
@@ -131,15 +144,17 @@ class PPOConfig(TrackingArguments, DataArguments):
     clip_range_high: float | None = field(default=None, metadata=_help(
         "Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); default: clip_range."))
     loss_agg_mode: str = field(default="token-mean", metadata=_help(
-        "token-mean | seq-mean-token-sum | seq-mean-token-mean, over the whole minibatch (all processes).",
-        choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")))
+        "token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO), over the whole "
+        "minibatch (all processes).",
+        choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")))
     clip_range_value: float = field(default=0.2, metadata=_help("Value clip around the rollout's values."))
     vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss."))
     ent_coef: float = field(default=0.0, metadata=_help("Entropy bonus weight; 0 = off."))
     gamma: float = field(default=1.0, metadata=_help("GAE discount."))
     lam: float = field(default=0.95, metadata=_help("GAE lambda."))
     kl_coef: float = field(default=0.05, metadata=_help("beta of the per-token KL penalty (initial, if adaptive)."))
-    kl_estimator: str = field(default="k1", metadata=_help("k1 (log ratio) or k3 (non-negative).", choices=("k1", "k3")))
+    kl_estimator: str = field(default="k1", metadata=_help("k1 (log ratio), k2 (squared) or k3 (non-negative).",
+                                                           choices=("k1", "k2", "k3")))
     adaptive_kl: bool = field(default=False, metadata=_help("Move beta towards kl_target (Ziegler et al.)."))
     kl_target: float | None = field(default=None, metadata=_help("Target KL per sequence for adaptive_kl."))
     kl_horizon: int = field(default=10000, metadata=_help("Adaptive KL horizon, in episodes."))
@@ -177,7 +192,7 @@ class PPOConfig(TrackingArguments, DataArguments):
 
     def __post_init__(self):
         _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
-                             "reward_function", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
+                             "reward_function", "rewards", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
                              "attn_implementation"))
         if isinstance(self.report_to, str):  # `report_to: wandb` as in TrainingArguments
             self.report_to = [self.report_to]
@@ -206,19 +221,31 @@ class PPOConfig(TrackingArguments, DataArguments):
         """accelerate's mixed_precision, when this config sets it (else the accelerate config/launch decides)."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else None
 
+    @property
+    def needs_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
+
     def derive(self, world_size: int) -> PPODerived:
-        """Per-process batch sizes, checked once: every split must be exact."""
+        """Per-process batch sizes, checked once: every split must be exact. A process samples all
+        ``samples_per_prompt`` replies of its own prompts, so a group never spans processes."""
         if self.batch_size % world_size:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the {world_size} processes")
-        local = self.batch_size // world_size
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.advantage_estimator in ("grpo", "dr_grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator={self.advantage_estimator} compares the replies to one prompt: "
+                             "set samples_per_prompt >= 2 (4-16 is usual)")
+        prompts = self.batch_size // world_size
+        local = prompts * self.samples_per_prompt
         if local % self.num_minibatches:
-            raise ValueError(f"per-process batch {local} must be divisible by num_minibatches={self.num_minibatches}")
+            raise ValueError(f"per-process batch of {prompts} prompts x {self.samples_per_prompt} samples = {local} "
+                             f"sequences must be divisible by num_minibatches={self.num_minibatches}")
         minibatch = local // self.num_minibatches
         if minibatch % self.gradient_accumulation_steps:
             raise ValueError(f"minibatch {minibatch} must be divisible by gradient_accumulation_steps="
                              f"{self.gradient_accumulation_steps}")
-        if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function)) != 1:
-            raise ValueError("set exactly one of reward_model, reward_url, reward_function")
+        if sum(x is not None for x in (self.reward_model, self.reward_url, self.reward_function, self.rewards)) != 1:
+            raise ValueError("set exactly one of reward_model, reward_url, reward_function, rewards")
         if self.dtype != "float32" and self.topology != "lora":
             raise ValueError(
                 f"dtype: {self.dtype} would store the trained weights in {self.dtype} and let AdamW update them in "
@@ -227,14 +254,15 @@ class PPOConfig(TrackingArguments, DataArguments):
                 "bf16 compute), or use topology: lora, whose frozen base may be bf16")
         if self.bf16 and self.fp16:
             raise ValueError("set bf16 or fp16, not both")
-        return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps)
+        return PPODerived(local, minibatch, minibatch // self.gradient_accumulation_steps, prompts)
 
 
 @dataclass
 class PPODerived:
-    local_batch_size: int  # prompts per process per step
+    local_batch_size: int  # sequences per process per step (prompts x samples_per_prompt)
     local_minibatch_size: int  # sequences per optimiser step per process
     micro_batch_size: int  # sequences per forward/backward
+    local_prompts: int  # prompts per process per step
 
 
 # ---------------------------------------------------------------------------------------------

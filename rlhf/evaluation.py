@@ -109,12 +109,13 @@ def sequence_kl(policy_fn, ref_fn, tokenizer, gens: Generations, temperature: fl
     return out
 
 
-def reply_figures(gens: Generations, sources: dict, kl: list[float] | None = None) -> dict[str, list[float]]:
+def reply_figures(gens: Generations, sources: dict, kl: list[float] | None = None,
+                  columns: dict | None = None) -> dict[str, list[float]]:
     """Per-reply figures: length (tokens, stop included), EOS rate (0/1), KL, and one per reward source
-    (``name -> (prompts, responses) -> list[float]``, e.g. ``reward`` and ``gold_reward``)."""
+    (``name -> (prompts, responses, **columns) -> list[float]``, e.g. ``reward`` and ``gold_reward``)."""
     figures = {"response_length": [float(n) for n in gens.lengths], "eos_rate": [float(s) for s in gens.has_stop]}
     for name, source in sources.items():
-        figures[name] = [float(x) for x in source(gens.prompts, gens.responses)]
+        figures[name] = [float(x) for x in source(gens.prompts, gens.responses, **(columns or {}))]
     if kl is not None:
         figures["kl"] = list(kl)
     return figures

@@ -191,7 +191,12 @@ def check_schema(records: list[dict], report, kind: str | None) -> None:
     assert report.kind in ("sft", "preference", "prompt") and (kind is None or report.kind == kind)
     for record in records:
         json.dumps(record, ensure_ascii=False).encode("utf-8")  # writable as UTF-8 (no lone surrogates)
-        for messages in record.values():
+        columns = record.get("columns", {})  # a prompt record's extra scalar fields, for reward functions
+        assert report.kind == "prompt" or not columns
+        assert all(isinstance(v, str | int | float | bool) for v in columns.values())
+        for name, messages in record.items():
+            if name == "columns":
+                continue
             assert isinstance(messages, list) and messages
             for m in messages:
                 assert set(m) == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str)
@@ -205,7 +210,7 @@ def check_schema(records: list[dict], report, kind: str | None) -> None:
             assert record["prompt"][-1]["role"] == "user" and record["chosen"] != record["rejected"]
             assert all(m["role"] == "assistant" for m in record["chosen"] + record["rejected"])
         else:
-            assert set(record) == {"prompt"} and record["prompt"][-1]["role"] == "user"
+            assert set(record) - {"columns"} == {"prompt"} and record["prompt"][-1]["role"] == "user"
 
 
 def load_or_error(path: Path, **kwargs):

@@ -3,6 +3,8 @@ last position, one-token and all-padding rows, garbage under the mask."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -209,3 +211,49 @@ def test_shaped_rewards_zero_kl_coef_leaves_only_score():
     rewards, non_score = shaped_rewards(torch.tensor([0.75]), kl, mask, kl_coef=0.0)
     assert torch.equal(non_score.abs(), torch.zeros(1, 3))
     _close(rewards, [[0.0, 0.75, 0.0]])
+
+
+# ------------------------------------------------------------------------------- critic-free estimators
+
+GROUP_SCORES = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, -1.0, 1.0])
+GROUP_IDS = torch.tensor([0, 0, 0, 1, 1, 1, 7, 7])  # any integers; group 1 all equal; group 7 of two
+
+
+def test_grpo_normalizes_by_the_group_mean_and_unbiased_std():
+    from rlhf.ppo.advantages import group_advantages
+
+    mask = _mask_from_lengths([3, 1, 2, 2, 2, 0, 4, 1], 4)  # a padding-only row (6) gets nothing
+    adv = group_advantages(GROUP_SCORES, GROUP_IDS, mask, "grpo", eps=0.0)
+    # group 0: mean 2, unbiased std 1 -> -1, 0, 1; group 1: equal rewards -> 0; group 7: mean 0, std sqrt(2)
+    expected = [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1 / math.sqrt(2), 1 / math.sqrt(2)]
+    _close(adv[:, 0] * mask[:, 0], torch.tensor(expected, dtype=F64) * mask[:, 0], tol=1e-6)
+    assert (adv[mask == 0] == 0).all() and (adv[0, :3] == adv[0, 0]).all()  # the same on every real token
+
+
+def test_dr_grpo_and_rloo_by_hand():
+    from rlhf.ppo.advantages import group_advantages
+
+    mask = torch.ones(8, 2)
+    dr = group_advantages(GROUP_SCORES, GROUP_IDS, mask, "dr_grpo")[:, 0]
+    _close(dr, [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0, 1.0], tol=1e-6)  # no std division
+    rloo = group_advantages(GROUP_SCORES, GROUP_IDS, mask, "rloo")[:, 0]
+    # leave-one-out: 1 - (2+3)/2, 2 - (1+3)/2, 3 - (1+2)/2; -1 - 1, 1 - (-1)
+    _close(rloo, [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0, -2.0, 2.0], tol=1e-6)
+
+
+def test_one_sample_groups_are_refused_with_the_fix():
+    from rlhf.ppo.advantages import group_advantages
+
+    with pytest.raises(ValueError, match="needs samples_per_prompt >= 2"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), torch.ones(3, 2), "rloo")
+    with pytest.raises(ValueError, match="not a group estimator"):
+        group_advantages(GROUP_SCORES, GROUP_IDS, torch.ones(8, 2), "gae")
+
+
+def test_rewards_to_go_by_hand():
+    from rlhf.ppo.advantages import rewards_to_go
+
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]], dtype=F64)
+    mask = _mask_from_lengths([3, 1], 4)
+    _close(rewards_to_go(rewards, mask), [[6.0, 5.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    _close(rewards_to_go(rewards, mask, gamma=0.5)[0], [1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0, 0.0])

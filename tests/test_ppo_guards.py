@@ -65,7 +65,7 @@ def test_non_finite_reward_stops_and_leaves_the_last_checkpoint(tmp_path):
                                       eval_prompts=4),
                                env={"NAN_AFTER": str(4 + 2 * 8), "PYTHONPATH": str(REPO)})
     assert result.returncode != 0
-    assert "non-finite scores in the rollout of step 3" in result.stderr
+    assert "step 3: reward source 'nan_after_calls' returned a non-finite value (nan)" in result.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step-2"
     assert not list((out / "checkpoints").glob("*.tmp"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

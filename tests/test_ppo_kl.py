@@ -40,11 +40,11 @@ def test_k3_nonnegative_and_zero_when_equal():
 
 
 def test_kl_unknown_estimator_raises():
-    with pytest.raises(ValueError, match="k2"):
-        kl_per_token(torch.zeros(1, 2), torch.zeros(1, 2), "k2")
+    with pytest.raises(ValueError, match="k4"):
+        kl_per_token(torch.zeros(1, 2), torch.zeros(1, 2), "k4")
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])  # k2 is biased
 def test_kl_estimators_are_unbiased_for_true_kl(estimator):
     torch.manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=F64)
@@ -141,3 +141,8 @@ def test_make_kl_controller():
         make_kl_controller(0.05, adaptive=True, target=None, horizon=10_000)
     with pytest.raises(ValueError):
         make_kl_controller(0.05, adaptive=True, target=-1.0, horizon=10_000)
+
+
+def test_k2_is_half_the_squared_log_ratio():
+    logp, ref = torch.tensor([[-0.3, -1.2]]), torch.tensor([[-0.7, -0.2]])
+    _close(kl_per_token(logp, ref, "k2"), [[0.5 * 0.4**2, 0.5 * 1.0**2]], tol=1e-6)

@@ -16,6 +16,15 @@ from .formats import CONVERTERS, FORMATS, FieldError, detect_format
 from .readers import MAX_PROBLEMS_SHOWN, read_records
 from .schema import DataFormatError, LoadReport, SkipRecord, validate_conversation, where
 
+# the fields formats read; a prompt record's other scalar fields travel with it as ``columns`` (a reward
+# function's extra arguments: a reference answer for a verifier, a category for a rule)
+FORMAT_FIELDS = frozenset({"prompt", "completion", "response", "chosen", "rejected", "messages", "conversations",
+                           "conversation", "instruction", "input", "context", "output", "system", "history", "id"})
+
+
+def _columns(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in FORMAT_FIELDS and isinstance(v, str | int | float | bool)}
+
 
 def load_records(
     path: str | os.PathLike,
@@ -28,8 +37,9 @@ def load_records(
     """Records of ``path`` in the internal schema and the report of what was kept, skipped and repaired.
 
     ``format`` overrides detection (one of ``FORMATS``); ``kind`` ("sft", "preference" or "prompt")
-    checks that the data suits the stage that asked for it ("prompt": any format, reduced to prompts).
-    Repairs and notes are counted per kept record (a record merged twice counts once).
+    checks that the data suits the stage that asked for it ("prompt": any format, reduced to prompts; a
+    prompt record keeps the raw record's other scalar fields as ``columns``). Repairs and notes are
+    counted per kept record (a record merged twice counts once).
     """
     path = os.fspath(path)
     if format not in (None, "auto") and format not in CONVERTERS:
@@ -57,6 +67,8 @@ def load_records(
         except FieldError as e:
             problems.append(f"{where(path, number, e.field_name)}: {e}")
             continue
+        if record_kind == "prompt" and _columns(record):
+            converted["columns"] = _columns(record)
         invalid = validate_converted(converted, where(path, number))
         if invalid:
             problems += invalid

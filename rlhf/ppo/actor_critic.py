@@ -1,4 +1,4 @@
-"""Policy, reference and critic in three topologies behind one interface.
+"""Policy, reference and critic in three topologies behind one interface (the critic only for GAE).
 
 ``forward(input_ids, attention_mask, position_ids) -> (logits [B, L, V], values [B, L])`` is one module
 call, so DDP sees a single forward per backward whatever the topology:
@@ -58,6 +58,32 @@ def _critic_as_sequence_classifier(backbone_config, backbone_state: dict, value_
     with torch.no_grad():
         critic.score.weight.copy_(value_head.weight)
     return critic
+
+
+class PolicyOnly(nn.Module):
+    """The policy alone, for the critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++): no critic is
+    built, loaded, stepped or saved; ``forward`` returns (logits, None)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           logits_to_keep=logits_to_keep).logits, None
+
+    def generation_model(self):
+        return self.policy
+
+    def policy_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self):
+        return []
+
+    def save(self, out: str, tokenizer) -> None:
+        self.policy.save_pretrained(out)
+        tokenizer.save_pretrained(out)
 
 
 class SeparateActorCritic(nn.Module):
@@ -129,10 +155,10 @@ class SharedActorCritic(nn.Module):
 
 
 class LoraActorCritic(nn.Module):
-    """One base model, two adapters. peft's ``set_adapter`` freezes inactive adapters, so after each
-    switch the trainable set is restored: both adapters must train from the one backward pass."""
+    """One base model, two adapters (one without a critic). peft's ``set_adapter`` freezes inactive adapters,
+    so after each switch the trainable set is restored: both adapters must train from the one backward pass."""
 
-    def __init__(self, peft_model, value_head: nn.Linear):
+    def __init__(self, peft_model, value_head: nn.Linear | None):
         super().__init__()
         self.model, self.value_head = peft_model, value_head
         self._trainable = [p for n, p in peft_model.named_parameters() if "lora_" in n]
@@ -146,6 +172,9 @@ class LoraActorCritic(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.value_head is None:
+            self._use("default")
+            return self.model(**kwargs, logits_to_keep=logits_to_keep).logits, None
         self._use("critic")
         hidden = self.model.get_base_model().base_model(**kwargs).last_hidden_state  # no logits needed
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
@@ -160,12 +189,16 @@ class LoraActorCritic(nn.Module):
         return [p for n, p in self.model.named_parameters() if "lora_" in n and ".default." in n]
 
     def critic_parameters(self):
+        if self.value_head is None:
+            return []
         return [p for n, p in self.model.named_parameters() if "lora_" in n and ".critic." in n] + list(
             self.value_head.parameters())
 
     def save(self, out: str, tokenizer) -> None:
         self.model.save_pretrained(out, selected_adapters=["default"])  # a peft adapter for the policy
         tokenizer.save_pretrained(out)
+        if self.value_head is None:
+            return
         merged = copy.deepcopy(self.model)
         merged.base_model.set_adapter("critic")
         merged = merged.merge_and_unload(adapter_names=["critic"])
@@ -214,7 +247,9 @@ def build_actor_critic(cfg, tokenizer):
         disable_dropout(ref)
         ref.eval().requires_grad_(False)
     normalized = cfg.reward_normalization and critic_path is not None
-    if cfg.topology == "separate":
+    if not cfg.needs_critic and cfg.topology != "lora":
+        model = PolicyOnly(policy)
+    elif cfg.topology == "separate":
         critic_source = resolve_model_path(critic_path or policy_path)
         critic = AutoModelForSequenceClassification.from_pretrained(critic_source, num_labels=1, dtype=dtype, **remote)
         fit_to_tokenizer(critic, tokenizer, f"the critic ({critic_source})")
@@ -222,8 +257,8 @@ def build_actor_critic(cfg, tokenizer):
             critic.score.weight.mul_(_value_scale(critic.config, normalized))
         model = SeparateActorCritic(policy, critic)
     else:
-        score = _load_score_head(critic_path, cfg.trust_remote_code)
-        head = _value_head_like(score, policy.config.hidden_size)
+        score = _load_score_head(critic_path, cfg.trust_remote_code) if cfg.needs_critic else None
+        head = _value_head_like(score, policy.config.hidden_size) if cfg.needs_critic else None
         if score is not None:
             with torch.no_grad():
                 head.weight.mul_(_value_scale(score.rm_config, normalized))
@@ -235,11 +270,12 @@ def build_actor_critic(cfg, tokenizer):
             lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                         target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
             peft_model = get_peft_model(policy, LoraConfig(**lora))
-            peft_model.add_adapter("critic", LoraConfig(**lora))
+            if head is not None:
+                peft_model.add_adapter("critic", LoraConfig(**lora))
             model = LoraActorCritic(peft_model, head)
     disable_dropout(model)
     if cfg.activation_checkpointing:  # trained models only: the frozen reference keeps no activations anyway
-        trained = [policy, *([model.critic] if cfg.topology == "separate" else [])]
+        trained = [policy, *([model.critic] if isinstance(model, SeparateActorCritic) else [])]
         for m in trained:
             m.activation_checkpointing_enable({"use_reentrant": False})
     return model, ref

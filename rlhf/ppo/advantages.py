@@ -43,3 +43,60 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# critic-free estimators (docs/design.md, "Advantage estimators")
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+NEEDS_CRITIC = {"gae"}
+GROUPED = {"grpo", "dr_grpo", "rloo"}
+
+
+def _group_stats(scores: torch.Tensor, groups: torch.Tensor, min_size: int):
+    """Per-sample group size, mean and unbiased std, from group ids [B] (any integers)."""
+    _, index, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    if int(counts.min()) < min_size:
+        raise ValueError(f"a group has {int(counts.min())} sample(s): this estimator compares the samples of one "
+                         f"prompt and needs samples_per_prompt >= {min_size}")
+    scores = scores.to(torch.float64)
+    sums = torch.zeros(len(counts), dtype=torch.float64, device=scores.device).index_add_(0, index, scores)
+    mean = (sums / counts)[index]
+    squares = torch.zeros_like(sums).index_add_(0, index, (scores - mean) ** 2)
+    std = (squares / (counts - 1).clamp(min=1)).sqrt()[index]
+    return counts[index], mean, std
+
+
+def group_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, estimator: str,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Outcome advantages from the other samples of the same prompt, on every real token. [B], [B], [B, T] -> [B, T].
+
+    grpo     (r_i - mean_g) / (std_g + eps)          Shao et al. 2024 (DeepSeekMath), std unbiased
+    dr_grpo  r_i - mean_g                            Liu et al. 2025 (Dr. GRPO): no std division, which
+                                                     up-weights prompts whose samples barely differ
+    rloo     r_i - mean_{j != i} r_j = N/(N-1) (r_i - mean_g)   Ahmadian et al. 2024 (leave-one-out)
+
+    A group whose samples all score the same gets 0 everywhere (nothing to learn from it).
+    """
+    size, mean, std = _group_stats(scores, groups, min_size=2)
+    centered = scores.to(torch.float64) - mean
+    if estimator == "grpo":  # an all-equal group has std 0 and centered 0: its advantage is 0, not 0/0
+        advantage = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
+    elif estimator == "dr_grpo":
+        advantage = centered
+    elif estimator == "rloo":
+        advantage = centered * size / (size - 1)
+    else:
+        raise ValueError(f"{estimator!r} is not a group estimator; one of {sorted(GROUPED)}")
+    return advantage.to(mask.dtype if mask.is_floating_point() else torch.float32).unsqueeze(1) * mask
+
+
+def rewards_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s-t) r_s over real tokens (REINFORCE++'s return; Hu 2025). [B, T] -> [B, T]."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask

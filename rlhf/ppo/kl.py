@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy. [B, T] -> [B, T].
 
-    k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0).
+    k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2 (biased, low variance, its
+    gradient is that of the true KL); k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0; GRPO's KL loss).
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")

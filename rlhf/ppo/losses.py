@@ -56,7 +56,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return _by_chunks(_entropy_rows, logits)
 
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Normalizer:
 
     tokens: float
     sequences: float
+    max_tokens: float = 1.0  # the reply budget, for seq-mean-token-sum-norm
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
@@ -76,15 +77,19 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "tok
     token-mean           sum_{i,t} l_it / N_tokens (every token weighs the same; long replies weigh more)
     seq-mean-token-sum   sum_i (sum_t l_it) / N_seqs
     seq-mean-token-mean  sum_i (mean_t l_it) / N_seqs (every reply weighs the same)
+    seq-mean-token-sum-norm  sum_{i,t} l_it / (N_seqs * max_tokens): Dr. GRPO's fix for the length bias of
+                         per-reply means (a constant divisor: long wrong replies are not excused)
 
     Without ``norm`` the counts are this batch's own (a plain masked mean for token-mean).
     """
-    norm = norm or Normalizer(float(mask.sum().clamp(min=1)), float(mask.shape[0]))
+    norm = norm or Normalizer(float(mask.sum().clamp(min=1)), float(mask.shape[0]), float(mask.shape[1]))
     if mode == "token-mean":
         return masked_sum(per_token, mask) / norm.tokens
     per_sequence = masked_sum(per_token, mask, dim=1)
     if mode == "seq-mean-token-mean":
         per_sequence = per_sequence / mask.sum(1).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_sequence = per_sequence / norm.max_tokens
     elif mode != "seq-mean-token-sum":
         raise ValueError(f"unknown loss_agg_mode {mode!r}; use one of {LOSS_AGG_MODES}")
     return per_sequence.sum() / norm.sequences

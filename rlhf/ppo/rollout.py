@@ -24,6 +24,8 @@ class Rollout:
     has_stop: torch.Tensor  # [B] bool
     prompts: list  # B prompt conversations
     responses: list  # B response texts (up to the stop token)
+    groups: torch.Tensor | None = None  # [B] the prompt each reply answers (samples_per_prompt rows each)
+    columns: list | None = None  # B dicts: the prompt records' extra dataset fields (reward functions get them)
     # filled in by the step: the policy at sampling time (temperature-scaled), the reference, the critic
     logprobs: torch.Tensor | None = None  # [B, T]
     ref_logprobs: torch.Tensor | None = None  # [B, T]

@@ -26,12 +26,13 @@ from .trainer import PPOTrainer
 
 
 @torch.no_grad()
-def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
-    """Held-out figures of the current policy: reward (the training reward source), gold reward (demo),
+def evaluate_policy(trainer: PPOTrainer, records: list[dict]) -> dict:
+    """Held-out figures of the current policy: reward (the training reward sources), gold reward (demo),
     KL to the reference, reply length and EOS rate, at ``eval_temperature``. Prompts are split over
     processes and the figures averaged globally."""
     acc, cfg, tok = trainer.accelerator, trainer.cfg, trainer.tokenizer
-    mine = prompts[acc.process_index :: acc.num_processes]
+    records = records[acc.process_index :: acc.num_processes]
+    mine, columns = [r["prompt"] for r in records], [r.get("columns", {}) for r in records]
     sampling = dataclasses.replace(trainer.sampling, temperature=cfg.eval_temperature)
     with unwrap_for_generation(trainer.model, acc) as bare, acc.autocast():  # the training precision throughout
         gens = generate_replies(bare.generation_model(), tok, mine, sampling, seed=cfg.seed + acc.process_index,
@@ -41,15 +42,16 @@ def evaluate_policy(trainer: PPOTrainer, prompts: list[list[dict]]) -> dict:
         kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok,
                          gens, cfg.eval_temperature, cfg.max_prompt_length, device=acc.device)
         sources = {"reward": trainer.reward_fn, **({"gold_reward": trainer.gold_fn} if trainer.gold_fn else {})}
-        figures = reply_figures(gens, sources, kl)
+        keys = sorted({k for c in columns for k in c})
+        figures = reply_figures(gens, sources, kl, {k: [c.get(k) for c in columns] for k in keys})
     return global_means(acc, means(figures))
 
 
-def load_prompts(cfg) -> tuple[list[list[dict]], list[list[dict]], list[str]]:
-    """(training prompts, held-out prompts, report lines): prompts from any supported format."""
+def load_prompts(cfg) -> tuple[list[dict], list[dict], list[str]]:
+    """(training, held-out, report lines): prompt records (``prompt`` and any extra ``columns``) from any
+    supported format."""
     train, held_out, gold_prompts, lines = resolve_stage_data(cfg, "prompt")
-    train = [r["prompt"] for r in train]
-    held_out = gold_prompts or [r["prompt"] for r in held_out]
+    held_out = [{"prompt": p} for p in gold_prompts] if gold_prompts else held_out
     return train, held_out[: cfg.eval_prompts], lines
 
 

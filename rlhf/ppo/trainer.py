@@ -25,12 +25,12 @@ from ..generation import Sampling, decode_responses, encode_prompts, generate, s
 from ..tensors import seeded_generator
 from . import guards
 from .actor_critic import build_actor_critic, reference_logits
-from .advantages import gae, shaped_rewards
+from .advantages import gae, group_advantages, rewards_to_go, shaped_rewards
 from .kl import kl_per_token, make_kl_controller
-from .losses import Normalizer, policy_loss, value_loss
+from .losses import Normalizer, aggregate_loss, policy_loss, value_loss
 from .masked import masked_mean, whiten
 from .metrics import PhaseTimer, RunningMeans, rollout_statistics
-from .rewards import gold_source, make_reward_source
+from .rewards import RewardSourceError, gold_source, make_reward_source
 from .rollout import Rollout, forward_response
 
 PPOStopError = guards.PPOStopError  # re-exported: callers catch it from here
@@ -48,6 +48,7 @@ class PPOTrainer:
         model, self.ref = build_actor_critic(cfg, tokenizer)
         groups = [{"params": model.policy_parameters(), "lr": cfg.learning_rate},
                   {"params": model.critic_parameters(), "lr": cfg.critic_learning_rate or cfg.learning_rate}]
+        groups = [g for g in groups if g["params"]]  # no critic group for the critic-free estimators
         optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                       fused=acc.device.type in ("cpu", "cuda"))
         updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
@@ -69,42 +70,55 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the algorithm
 
     def step(self) -> dict:
-        """One PPO step on this process's share of ``batch_size`` prompts; returns the global metrics."""
+        """One step on this process's share of ``batch_size`` prompts; returns the global metrics."""
         cfg, acc, n = self.cfg, self.accelerator, self.progress.step + 1
         timer = PhaseTimer()
         with timer("time/step"):
-            # 1. Rollout: sample a reply to each prompt and cut it after the first stop token (detail 6)
+            # 1. Rollout: sample samples_per_prompt replies to each prompt, cut after the first stop token (detail 6)
             with timer("time/generate"):
                 ro = self.rollout(self.step_prompts(self.progress.step))
             # 1b. Recompute, with the training model, the policy's logprobs at the sampling temperature,
-            #     the critic's values and the reference's logprobs of the sampled tokens (detail 4)
+            #     the critic's values (GAE only) and the reference's logprobs of the sampled tokens (detail 4)
             with timer("time/reference"):
                 ro.logprobs, ro.values, ro.ref_logprobs = self.logprobs_and_values(ro)
-            # 2. Score: the reward source reads the decoded replies; no stop token costs a penalty
+            # 2. Score: the reward sources read the decoded replies; no stop token costs a penalty
             with timer("time/reward"), acc.autocast():  # an in-process RM scores in the policy's precision
-                ro.raw_scores = torch.tensor(self.reward_fn(ro.prompts, ro.responses), dtype=torch.float32,
-                                             device=acc.device)
+                ro.raw_scores = self.score(ro, n)
             ro.scores = ro.raw_scores - cfg.missing_stop_penalty * (~ro.has_stop).float()
             mask = ro.response_mask.float()
             guards.check_rollout(n, mask, scores=ro.scores, logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs,
-                                 values=ro.values)
-            # 3. Shape the rewards: -beta * KL(policy || reference) on every token, the score added on the
-            #    last real one (details 7, 8); optionally whitened over the global batch
+                                 **({"values": ro.values} if ro.values is not None else {}))
+            # 3. Shape the rewards: -beta * KL(policy || reference) on every token when the KL goes in the
+            #    reward (else it is a loss term in 5, or nowhere), the score added on the last real token (7, 8)
             kl = kl_per_token(ro.logprobs, ro.ref_logprobs, cfg.kl_estimator) * mask
-            rewards, non_score = shaped_rewards(ro.scores, kl, mask, self.kl_ctl.value)
+            beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+            rewards, non_score = shaped_rewards(ro.scores, kl, mask, beta)
             if cfg.whiten_rewards:
                 rewards = whiten(rewards, mask, *global_masked_mean_var(acc, rewards, mask), shift_mean=False)
-            # 4. Advantages: GAE over the response, whitened over the global batch (detail 9)
-            advantages, returns = gae(ro.values * mask, rewards, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask, *global_masked_mean_var(acc, advantages, mask))
+            # 4. Advantages: GAE whitened over the global batch (detail 9), or a critic-free estimator
+            advantages, returns = self.estimate_advantages(ro, rewards, mask)
             # 5. Update: ppo_epochs passes over the batch in num_minibatches optimiser steps, each in
-            #    micro-batches; clipped policy and value losses (details 5, 10)
+            #    micro-batches; clipped policy loss (+ value loss, + KL loss) (details 5, 10)
             with timer("time/train"):
                 update = self.update(ro, advantages, returns)
             # 6. KL coefficient: the adaptive controller moves beta towards kl_target
             self.kl_ctl.update(global_means(acc, {"kl": kl.sum(1).mean()})["kl"], cfg.batch_size)
         self.progress.step, self.last_rollout = n, ro
-        return self.reduce_metrics(ro, {**rollout_statistics(ro, kl, non_score, mask), **update}, timer)
+        stats = {**rollout_statistics(ro, kl, non_score, mask), **self.reward_fn.last, **update}
+        return self.reduce_metrics(ro, stats, timer)
+
+    def estimate_advantages(self, ro: Rollout, rewards: torch.Tensor, mask: torch.Tensor):
+        """(advantages, returns) by ``advantage_estimator`` (docs/design.md, "Advantage estimators")."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.advantage_estimator == "gae":
+            advantages, returns = gae(ro.values * mask, rewards, mask, cfg.gamma, cfg.lam)
+            return whiten(advantages, mask, *global_masked_mean_var(acc, advantages, mask)), returns
+        if cfg.advantage_estimator == "reinforce_pp":  # per-token KL in the reward, returns whitened globally
+            returns = rewards_to_go(rewards, mask, cfg.gamma)
+            return whiten(returns, mask, *global_masked_mean_var(acc, returns, mask)), returns
+        # group estimators compare the replies to one prompt by their sequence reward (KL summed in, if any)
+        advantages = group_advantages(rewards.sum(1), ro.groups, mask, cfg.advantage_estimator)
+        return advantages, advantages
 
     def update(self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         cfg, sizes = self.cfg, self.sizes
@@ -136,45 +150,70 @@ class PPOTrainer:
                                       cfg.loss_agg_mode, norm)
             if check_ratio:
                 guards.check_first_ratio(n, float(pg["ratio_max_dev"]), cfg.ratio_check_tolerance)
-            vf_loss, vf = value_loss(values, mb.values, returns, mask, cfg.clip_range_value, cfg.loss_agg_mode, norm)
             mean_entropy = masked_mean(entropy, mask)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+            loss = pg_loss - cfg.ent_coef * mean_entropy
+            losses = {"policy": pg_loss}
+            if values is not None:
+                losses["value"], vf = value_loss(values, mb.values, returns, mask, cfg.clip_range_value,
+                                                 cfg.loss_agg_mode, norm)
+                loss = loss + cfg.vf_coef * losses["value"]
+            if cfg.kl_penalty == "loss":  # GRPO-style: KL to the reference as a loss term, through the new logprobs
+                kl = kl_per_token(logprobs, mb.ref_logprobs, cfg.kl_estimator)
+                losses["kl"] = aggregate_loss(kl, mask, cfg.loss_agg_mode, norm)
+                loss = loss + self.kl_ctl.value * losses["kl"]
             ptx_loss = self.ptx_loss() if self.ptx and cfg.ptx_coef > 0 else None
             if ptx_loss is not None:
                 loss = loss + cfg.ptx_coef * ptx_loss
-            guards.check_loss(n, loss, policy=pg_loss, value=vf_loss)
+            guards.check_loss(n, loss, **losses)
             acc.backward(loss)
-        stats = {
-            "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
+        stats = {f"loss/{name}_avg": value.item() for name, value in losses.items()}
+        stats.update({
             "policy/approxkl_avg": float(pg["approxkl"]), "policy/clipfrac_avg": float(pg["clipfrac"]),
-            "policy/entropy_avg": mean_entropy.item(), "val/clipfrac_avg": float(vf["clipfrac"]),
-            "val/ratio": float(pg["ratio_mean"]), "val/ratio_var": float(pg["ratio_var"]),
-        }
+            "policy/entropy_avg": mean_entropy.item(), "val/ratio": float(pg["ratio_mean"]),
+            "val/ratio_var": float(pg["ratio_var"]),
+        })
+        if values is not None:
+            stats["val/clipfrac_avg"] = float(vf["clipfrac"])
         if ptx_loss is not None:
             stats["loss/ptx_avg"] = ptx_loss.item()
         return stats
 
     # ------------------------------------------------------------------ rollout plumbing
 
-    def step_prompts(self, step: int) -> list[list[dict]]:
-        """This process's prompts for ``step``: a seeded permutation per pass over the prompt set."""
+    def step_prompts(self, step: int) -> list[dict]:
+        """This process's prompt records for ``step``: a seeded permutation per pass over the prompt set."""
         n, b = len(self.prompts), self.cfg.batch_size
         out = []
         for position in range(step * b, (step + 1) * b):
             epoch, offset = divmod(position, n)
             perm = torch.randperm(n, generator=seeded_generator(self.cfg.seed, "prompts", epoch))
             out.append(self.prompts[perm[offset]])
-        local, rank = self.sizes.local_batch_size, self.accelerator.process_index
+        local, rank = self.sizes.local_prompts, self.accelerator.process_index
         return out[rank * local : (rank + 1) * local]
 
     @torch.no_grad()
-    def rollout(self, prompts) -> Rollout:
-        """Sample under the training forward's precision (bf16 autocast when mixed precision is on)."""
-        acc, tok = self.accelerator, self.tokenizer
+    def rollout(self, records: list[dict]) -> Rollout:
+        """``samples_per_prompt`` replies to each prompt (a group: consecutive rows, one group id), sampled
+        under the training forward's precision (bf16 autocast when mixed precision is on)."""
+        acc, tok, k = self.accelerator, self.tokenizer, self.cfg.samples_per_prompt
+        records = [r for r in records for _ in range(k)]
+        prompts = [r["prompt"] for r in records]
         q_ids, q_mask, _ = encode_prompts(tok, prompts, self.cfg.max_prompt_length, acc.device)
         with unwrap_for_generation(self.model, acc) as bare, acc.autocast():
             r_ids, r_mask, has_stop = generate(bare.generation_model(), q_ids, q_mask, self.sampling, tok.pad_token_id)
-        return Rollout(q_ids, q_mask, r_ids, r_mask, has_stop, list(prompts), decode_responses(tok, r_ids, r_mask))
+        groups = torch.arange(len(records), device=acc.device) // k
+        return Rollout(q_ids, q_mask, r_ids, r_mask, has_stop, prompts, decode_responses(tok, r_ids, r_mask),
+                       groups=groups, columns=[r.get("columns", {}) for r in records])
+
+    def score(self, ro: Rollout, step: int) -> torch.Tensor:
+        """The reward of every reply; a failing source stops the step, named (the last checkpoint is intact)."""
+        keys = sorted({k for c in ro.columns for k in c})
+        try:
+            scores = self.reward_fn(ro.prompts, ro.responses, **{k: [c.get(k) for c in ro.columns] for k in keys})
+        except RewardSourceError as e:
+            raise guards.PPOStopError(f"step {step}: {e}; stopping before the update (the last checkpoint is "
+                                      "intact)") from e
+        return torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device)
 
     @torch.no_grad()
     def logprobs_and_values(self, ro: Rollout):
@@ -191,7 +230,9 @@ class PPOTrainer:
                 logprobs, values, _ = forward_response(unwrapped, *tensors)
                 ref_logprobs, _, _ = forward_response(ref_fn, *tensors, with_values=False)
             parts.append((logprobs, values, ref_logprobs))
-        return tuple(torch.cat(chunk) for chunk in zip(*parts))
+        logprobs, values, ref_logprobs = zip(*parts)
+        values = torch.cat(values) if self.cfg.needs_critic else None
+        return torch.cat(logprobs), values, torch.cat(ref_logprobs)
 
     # ------------------------------------------------------------------ update plumbing
 
@@ -200,7 +241,7 @@ class PPOTrainer:
         backward divides by the accumulation steps, the gradient all-reduce by the process count)."""
         tokens, sequences = global_sums(self.accelerator, [minibatch_mask.sum(), minibatch_mask.shape[0]])
         shares = self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
-        return Normalizer(max(tokens, 1.0) / shares, sequences / shares)
+        return Normalizer(max(tokens, 1.0) / shares, sequences / shares, float(self.cfg.max_new_tokens))
 
     def optimizer_step(self) -> float:
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
