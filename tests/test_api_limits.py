@@ -1,0 +1,82 @@
+"""Limits over real HTTP: 413 for sizes, per-item errors for length, left truncation on request, 429 for a
+full queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.api_helpers import AUTH, error_code, metric, post, results, score
+
+
+def test_huge_inputs(reward_server):
+    huge = "tracking link " * 80_000  # ~1.1 MB, hundreds of thousands of tokens
+    got = results(score(reward_server, [{"id": "h", "text": huge}, {"id": "s", "text": "short"}]))
+    assert got[0]["error"]["code"] == "too_long" and got[0]["tokens"] > 100_000 and got[1]["error"] is None
+    cut = results(score(reward_server, [{"id": "h", "text": huge}], truncate=True))[0]
+    assert cut["error"] is None and cut["truncated"] is True and cut["tokens"] > 100_000
+    over = post(reward_server, "/v1/score", content=b'{"items": [{"id": 1, "text": "' + b"x" * (5 << 20) + b'"}]}',
+                headers={"Content-Type": "application/json"})
+    assert over.status_code == 413 and error_code(over) == "body_too_large"
+    many = score(reward_server, [{"id": i, "text": "x"} for i in range(257)])
+    assert many.status_code == 413 and error_code(many) == "too_many_items"
+    assert len(results(score(reward_server, [{"id": i, "text": "x"} for i in range(256)]))) == 256
+
+
+def test_size_limits_are_413(auth_reward_server):
+    server = auth_reward_server  # max 4 items, 20000 bytes, 300 tokens per request, 96 per item
+    big = post(server, "/v1/score", {"items": [{"id": 1, "text": "x" * 30_000}]}, headers=AUTH)
+    assert big.status_code == 413 and error_code(big) == "body_too_large"
+
+    def chunks():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(10):
+            yield b"x" * 5000
+
+    streamed = httpx.post(f"{server.url}/v1/score", content=chunks(), headers=AUTH)
+    assert streamed.status_code == 413
+    assert error_code(score(server, [{"id": i, "text": "x"} for i in range(5)], headers=AUTH)) == "too_many_items"
+    long_item = {"id": 0, "text": "refund " * 85}  # ~90 tokens each: 4 of them are over 300
+    tokens = score(server, [long_item] * 4, headers=AUTH)
+    assert tokens.status_code == 413 and error_code(tokens) == "too_many_tokens"
+    assert len(results(score(server, [long_item] * 3, headers=AUTH))) == 3
+
+
+def test_over_length_items_are_rejected_or_cut_from_the_left(auth_reward_server, tiny_reward_model):
+    from reward_models.scoring import RewardScorer, render_item
+
+    server, tail = auth_reward_server, " ".join(["I have issued a full refund for your lamp."] * 20)
+    items = [{"id": "a", "prompt": "Where is my laptop?", "response": tail},
+             {"id": "b", "prompt": "Please cancel my chair order, thank you.", "response": tail},
+             {"id": "short", "text": "ok"}]
+    rejected = results(score(server, items, headers=AUTH))
+    assert [r["error"]["code"] if r["error"] else None for r in rejected] == ["too_long", "too_long", None]
+    assert rejected[0]["tokens"] > 96 and "96" in rejected[0]["error"]["message"]
+    cut = results(score(server, items, truncate=True, headers=AUTH))
+    assert all(r["error"] is None for r in cut) and [r["truncated"] for r in cut] == [True, True, False]
+    # the prompts differ only in what the left cut removed, so the rewards are the same
+    assert abs(cut[0]["reward"] - cut[1]["reward"]) < 1e-5
+    scorer = RewardScorer(tiny_reward_model, device="cpu")
+    ids = render_item(scorer.tokenizer, {k: v for k, v in items[0].items() if k != "id"}, 96, truncate=True).input_ids
+    assert len(ids) == 96 and abs(scorer.score_ids([ids])[0] - cut[0]["reward"]) < 1e-5
+    body = {"prompt": "Where is my laptop?", "chosen": tail, "rejected": "ok"}
+    too_long = post(server, "/v1/compare", body, headers=AUTH)
+    assert too_long.status_code == 422 and error_code(too_long) == "too_long" and "chosen" in too_long.text
+    truncated = post(server, "/v1/compare", {**body, "truncate": True}, headers=AUTH).json()
+    assert truncated["chosen"]["truncated"] is True and truncated["rejected"]["truncated"] is False
+
+
+def test_full_queue_is_429_with_retry_after(queue_reward_server):
+    server = queue_reward_server
+    held = {}
+    thread = threading.Thread(target=lambda: held.update(r=score(server, [{"id": 1, "text": "first"}])))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while metric(server, "rm_queue_depth") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    refused = score(server, [{"id": 2, "text": "second"}])
+    assert refused.status_code == 429 and error_code(refused) == "queue_full"
+    assert refused.headers["Retry-After"].isdigit() and int(refused.headers["Retry-After"]) >= 1
+    thread.join()
+    assert results(held["r"])[0]["error"] is None
