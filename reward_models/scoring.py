@@ -24,6 +24,7 @@ import torch
 
 REWARD_MEAN_KEY = "rlhf_reward_mean"
 REWARD_STD_KEY = "rlhf_reward_std"
+MAX_LENGTH_KEY = "rlhf_max_length"
 
 
 class TooLong(ValueError):
@@ -107,7 +108,9 @@ class RewardScorer:
         config = self.model.config
         if config.pad_token_id is None or config.pad_token_id == self.tokenizer.eos_token_id:
             raise ValueError(f"{model_path}: reward model needs a pad token distinct from EOS (pad={config.pad_token_id})")
-        self.max_length = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        # the length it was trained with first: scoring longer inputs than it ever saw is out of distribution
+        self.max_length = (max_length or getattr(config, MAX_LENGTH_KEY, None)
+                           or getattr(config, "max_position_embeddings", None) or 2048)
         self.mean = float(getattr(config, REWARD_MEAN_KEY, 0.0) or 0.0)
         self.std = float(getattr(config, REWARD_STD_KEY, 1.0) or 1.0)
         self.revision = model_revision(path)
@@ -150,11 +153,14 @@ class RewardScorer:
                 "reward_std": self.std, "path": self.path}
 
 
-def save_reward_stats(model_dir: str, mean: float, std: float) -> None:
-    """Store the training-reward statistics in the model's config.json (they travel with the model)."""
+def save_reward_stats(model_dir: str, mean: float, std: float, max_length: int | None = None) -> None:
+    """Store the training-reward statistics, and the max_length the RM was trained with, in the model's
+    config.json (they travel with the model; the server scores at that length by default)."""
     path = os.path.join(model_dir, "config.json")
     with open(path) as f:
         config = json.load(f)
     config[REWARD_MEAN_KEY], config[REWARD_STD_KEY] = mean, std
+    if max_length is not None:
+        config[MAX_LENGTH_KEY] = max_length
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -80,7 +80,7 @@ def tiny_reward_model(_isolated_environment, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("tiny_rm"))
     AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    save_reward_stats(out, 0.5, 2.0)
+    save_reward_stats(out, 0.5, 2.0, max_length=384)  # as if trained with max_length=384
     return out
 
 

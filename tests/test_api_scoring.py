@@ -51,10 +51,11 @@ def test_compare_gives_margin_and_probability(reward_server):
 def test_models_health_ready_and_docs(reward_server):
     models = httpx.get(f"{reward_server.url}/v1/models").json()
     model = models["models"][0]
-    assert model["revision"] == models["model_revision"] and model["max_length"] == 512
+    assert model["revision"] == models["model_revision"]
+    assert model["max_length"] == 384  # what the RM was trained with (config.json), not the base model's 512
     assert (model["reward_mean"], model["reward_std"]) == (0.5, 2.0)
     assert "path" not in model and models["auth"] is False
-    assert models["limits"]["max_items"] == 256 and models["limits"]["max_item_tokens"] == 512
+    assert models["limits"]["max_items"] == 256 and models["limits"]["max_item_tokens"] == 384
     assert httpx.get(f"{reward_server.url}/healthz").json() == {"status": "ok", "model_revision": model["revision"]}
     assert httpx.get(f"{reward_server.url}/readyz").json()["status"] == "ready"
     schema = httpx.get(f"{reward_server.url}/openapi.json").json()
