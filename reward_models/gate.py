@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from .schemas import Json
 
 if TYPE_CHECKING:
-    from .api import Limits
+    from .service import Limits
 
 log = logging.getLogger("reward_models.api")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})

@@ -1,13 +1,15 @@
 """The one way text becomes a reward: rendering (chat template, EOS, truncation side) and batched scoring.
 
 Reward-model training (``reward_models.train``), PPO and the scoring API all call ``render_item`` /
-``RewardScorer``, so the model is scored on exactly the tokens it was trained on (DESIGN principle 5).
+``RewardScorer``, so the model is scored on exactly the tokens it was trained on (docs/design.md).
 
-Rendering rules:
+Rendering rules (how, with literal user text and bounded work: ``reward_models.rendering``):
 - ``{prompt, response}``: the prompt (a string = one user turn, or messages) plus the response as an
   assistant turn, through the tokenizer's chat template (which closes the turn with its end token).
 - ``{messages}``: the conversation through the chat template; it should end on an assistant turn.
-- ``{text}``: raw text, with EOS appended when missing (as TRL does for non-conversational data).
+  Message contents are plain text: a special-token string in one never becomes a special token.
+- ``{text}``: raw text, already formatted (its special-token strings are parsed), with EOS appended when
+  missing (as TRL does for non-conversational data).
 - Over ``max_length`` tokens: rejected (``TooLong``), or with ``truncate=True`` cut from the *left*,
   so the end of the response -- where the reward is read -- survives.
 The reward is read at the last non-pad token (the model's pad token is distinct from EOS).
@@ -18,27 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 import torch
+
+from .rendering import Rendered, TooLong, item_pieces, render_pieces
+
+__all__ = ["Rendered", "RewardScorer", "TooLong", "as_messages", "pair_to_ids", "render_item", "save_reward_stats"]
 
 REWARD_MEAN_KEY = "rlhf_reward_mean"
 REWARD_STD_KEY = "rlhf_reward_std"
 MAX_LENGTH_KEY = "rlhf_max_length"
-
-
-class TooLong(ValueError):
-    def __init__(self, n_tokens: int, max_length: int):
-        super().__init__(f"input is {n_tokens} tokens, over the model's limit of {max_length}; "
-                         "shorten it or ask for truncation (the prompt is cut from the left)")
-        self.n_tokens, self.max_length = n_tokens, max_length
-
-
-@dataclass
-class Rendered:
-    input_ids: list[int]
-    n_tokens: int  # before truncation
-    truncated: bool
 
 
 def as_messages(item: dict) -> list[dict] | None:
@@ -52,22 +43,10 @@ def as_messages(item: dict) -> list[dict] | None:
     return prompt + [{"role": "assistant", "content": item["response"]}]
 
 
-def render_item(tokenizer, item: dict, max_length: int | None, truncate: bool = False) -> Rendered:
-    """Token ids the reward model reads for one item (see the module docstring for the rules)."""
-    messages = as_messages(item)
-    if messages is None:
-        text = item["text"]
-        if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
-            text += tokenizer.eos_token
-        ids = tokenizer(text)["input_ids"]  # raw text gets the tokenizer's own BOS, if it adds one
-    else:  # the template writes any BOS itself (as apply_chat_template(tokenize=True) does)
-        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-    n = len(ids)
-    if max_length is not None and n > max_length:
-        if not truncate:
-            raise TooLong(n, max_length)
-        ids = ids[n - max_length:]
-    return Rendered(ids, n, n > len(ids))
+def render_item(tokenizer, item: dict, max_length: int | None, truncate: bool = False, memo: dict | None = None) -> Rendered:
+    """Token ids the reward model reads for one item (see the module docstring for the rules). ``memo``,
+    shared between the items of one request, tokenizes a text they have in common (a prompt) once."""
+    return render_pieces(tokenizer, item_pieces(tokenizer, item), max_length, truncate, memo)
 
 
 def pair_to_ids(tokenizer, pair: dict, max_length: int | None) -> tuple[list[int], list[int], bool]:
@@ -134,17 +113,17 @@ class RewardScorer:
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
         return logits[:, 0].float().cpu().tolist()
 
-    def normalise(self, reward: float) -> float:
+    def normalize(self, reward: float) -> float:
         return (reward - self.mean) / self.std
 
     def score(self, items: list[dict], truncate: bool = False, batch_size: int = 32) -> list[dict]:
-        """Score items; each result holds reward, normalised reward, token count and truncation flag."""
+        """Score items; each result holds reward, normalized reward, tokens read and truncation flag."""
         rendered = [self.render(item, truncate) for item in items]
         rewards = []
         for start in range(0, len(rendered), batch_size):
             rewards += self.score_ids([r.input_ids for r in rendered[start : start + batch_size]])
         return [
-            {"reward": r, "normalized_reward": self.normalise(r), "tokens": x.n_tokens, "truncated": x.truncated}
+            {"reward": r, "normalized_reward": self.normalize(r), "tokens": x.n_tokens, "truncated": x.truncated}
             for r, x in zip(rewards, rendered)
         ]
 
