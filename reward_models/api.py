@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from .gate import Gate, Metrics, document_auth
+from .gate import Gate, Metrics, api_key_from_env, document_auth
 from .schemas import (
     ApiError,
     CompareRequest,
@@ -43,9 +44,14 @@ __all__ = ["Limits", "create_app"]
 log = logging.getLogger("reward_models.api")
 
 
+NON_FINITE = {"code": "non_finite_reward", "message": "the model's reward for this input is not a finite number"}
+
+
 def _result(item, rendered, reward, service: Service) -> dict:
     result = {"id": item.id, "reward": None, "normalized_reward": None, "tokens": None, "truncated": False, "error": None}
-    if reward is not None:
+    if reward is not None and not math.isfinite(reward):  # JSON has no NaN: say so instead of breaking the body
+        result.update(tokens=rendered.n_tokens, truncated=rendered.truncated, error=NON_FINITE)
+    elif reward is not None:
         result.update(reward=reward, normalized_reward=service.normalize(reward), tokens=rendered.n_tokens,
                       truncated=rendered.truncated)
     elif isinstance(rendered, TooLong):
@@ -61,7 +67,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
     """``scorer``: a loaded ``RewardScorer``, or a no-argument callable that loads one (the app then answers
     /healthz at once, and /readyz once the model is loaded and warmed up by a forward pass)."""
     limits = limits or Limits()
-    api_key = os.environ.get(limits.api_key_env) or None
+    api_key = api_key_from_env(limits.api_key_env)
     metrics = Metrics(lambda: service.batcher.depth if service.batcher else 0)
     service = Service(limits, metrics)
 
@@ -134,6 +140,8 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
             if not hasattr(r, "input_ids"):  # a single answer: its problem is the request's
                 raise ApiError(422, "too_long" if isinstance(r, TooLong) else r.code, f"{name}: {getattr(r, 'message', r)}")
         rewards = await service.run(rendered)
+        if not all(map(math.isfinite, rewards)):
+            raise ApiError(422, NON_FINITE["code"], NON_FINITE["message"])
         metrics.items.labels("scored").inc(2)
         margin = rewards[0] - rewards[1]
         sides = {name: {"reward": reward, "normalized_reward": service.normalize(reward), "tokens": r.n_tokens,

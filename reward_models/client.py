@@ -46,7 +46,7 @@ class RewardClient:
                  backoff: float = 0.5, max_backoff: float = 30.0, api_key_env: str = "RLHF_API_KEY"):
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        key = (api_key if api_key is not None else os.environ.get(api_key_env, "")).strip()  # as the server does
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.model_revision: str | None = None  # of the last answer: log it beside the rewards

@@ -27,6 +27,20 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect",
 ENDPOINTS = frozenset({"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics"}) | OPEN_PATHS
 
 
+def api_key_from_env(name: str) -> str | None:
+    """The bearer key held by the environment variable ``name``; None if it is unset (auth off). Set but empty
+    is an error rather than auth silently off, and surrounding whitespace (a key read from a file) is cut."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    key = value.strip()
+    if not key:
+        raise ValueError(f"{name} is set but empty: set it to a key, or unset it to serve without auth")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{name}: the key must be printable ASCII (it travels in an HTTP header)")
+    return key
+
+
 class Metrics:
     def __init__(self, depth):
         r = self.registry = prom.CollectorRegistry()

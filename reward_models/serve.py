@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 import socket
 import sys
 import threading
 import time
 
 from .api import Limits, create_app
+from .gate import api_key_from_env
 
 log = logging.getLogger("reward_models.serve")
 
@@ -67,7 +67,11 @@ def main(argv=None) -> int:
                     max_total_tokens=args.max_total_tokens, max_batch_tokens=args.max_batch_tokens,
                     max_batch_items=args.max_batch_items, max_wait_ms=args.max_wait_ms, wait_policy=args.wait_policy,
                     max_queue=args.max_queue, request_timeout_s=args.request_timeout, api_key_env=args.api_key_env)
-    has_key = bool(os.environ.get(args.api_key_env))
+    try:
+        has_key = api_key_from_env(args.api_key_env) is not None
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if not is_loopback(args.host) and not has_key:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model; "
                     "set %s to require a bearer token", args.host, args.api_key_env)

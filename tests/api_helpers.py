@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 
 from tests.conftest import API_KEY
@@ -45,3 +47,30 @@ ITEMS = [
     {"id": "t", "text": "<|user|>Hi<|end|><|assistant|>Hello<|end|>"},
     {"id": 5, "prompt": "Cancel my phone order.", "response": ""},  # an empty response is scored, not refused
 ]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, wait_ready: bool = True):
+    """``app`` on 127.0.0.1:<free port> in a thread of this process (real HTTP, no subprocess start-up):
+    yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started or (wait_ready and httpx.get(f"{url}/readyz").status_code != 200):
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.api_helpers import AUTH, error_code, post, results, score
+from tests.api_helpers import AUTH, error_code, post, results, score, serve_in_thread
 from tests.conftest import API_KEY
 
 
@@ -61,3 +61,31 @@ def test_no_request_text_in_logs(reward_server, auth_reward_server):
     # a well-formed client request id is echoed (and logged) for correlation
     echoed = httpx.get(f"{reward_server.url}/healthz", headers={"X-Request-ID": "req-42_a"})
     assert echoed.headers["X-Request-ID"] == "req-42_a"
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\n"])
+def test_an_empty_key_is_an_error_not_auth_off(monkeypatch, value):
+    from reward_models.api import Limits, create_app
+
+    monkeypatch.setenv("RLHF_API_KEY", value)
+    with pytest.raises(ValueError, match="RLHF_API_KEY is set but empty"):
+        create_app(lambda: None, Limits())
+    from reward_models.serve import main
+
+    assert main(["--model", "unused", "--port", "0"]) == 2  # the server refuses to start
+
+
+def test_a_key_with_surrounding_whitespace_is_stripped(monkeypatch, tiny_reward_model):
+    from reward_models.api import Limits, create_app
+    from reward_models.client import RewardClient
+    from reward_models.scoring import RewardScorer
+
+    monkeypatch.setenv("RLHF_API_KEY", "  s3cret-key\n")  # e.g. RLHF_API_KEY="$(cat keyfile)" without the strip
+    with serve_in_thread(create_app(RewardScorer(tiny_reward_model, device="cpu"), Limits())) as url:
+        body = {"items": [{"id": 1, "text": "x"}]}
+        assert httpx.post(f"{url}/v1/score", json=body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert httpx.post(f"{url}/v1/score", json=body).status_code == 401
+        assert RewardClient(url).score(body["items"])[0]["error"] is None  # the client strips it too
+    monkeypatch.setenv("RLHF_API_KEY", "naïve-ключ")  # not sendable in an HTTP header as it is
+    with pytest.raises(ValueError, match="printable ASCII"):
+        create_app(lambda: None, Limits())

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 import time
 
 import httpx
 
-from tests.api_helpers import error_code
+from tests.api_helpers import error_code, serve_in_thread
 
 
 def test_readyz_is_503_until_the_model_is_loaded(tiny_reward_model):
-    import socket
-
-    import uvicorn
-
     from reward_models.api import Limits, create_app
     from reward_models.scoring import RewardScorer
 
@@ -25,30 +23,21 @@ def test_readyz_is_503_until_the_model_is_loaded(tiny_reward_model):
         release.wait(30)
         return RewardScorer(tiny_reward_model, device="cpu")
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(slow_loader, Limits()), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        assert httpx.get(f"{url}/healthz").status_code == 200
-        loading = httpx.get(f"{url}/readyz")
-        assert loading.status_code == 503 and loading.json()["status"] == "loading"
-        early = httpx.post(f"{url}/v1/score", json={"items": [{"id": 1, "text": "x"}]})
-        assert early.status_code == 503 and error_code(early) == "not_ready" and early.headers["Retry-After"]
-        release.set()
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert httpx.post(f"{url}/v1/score", json={"items": [{"id": 1, "text": "x"}]}).status_code == 200
-    finally:
-        release.set()
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(slow_loader, Limits()), wait_ready=False) as url:
+        try:
+            assert httpx.get(f"{url}/healthz").status_code == 200
+            loading = httpx.get(f"{url}/readyz")
+            assert loading.status_code == 503 and loading.json()["status"] == "loading"
+            early = httpx.post(f"{url}/v1/score", json={"items": [{"id": 1, "text": "x"}]})
+            assert early.status_code == 503 and error_code(early) == "not_ready" and early.headers["Retry-After"]
+            release.set()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/readyz").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert httpx.post(f"{url}/v1/score", json={"items": [{"id": 1, "text": "x"}]}).status_code == 200
+        finally:
+            release.set()
 
 
 def test_a_model_that_fails_to_load_stops_the_server_and_non_loopback_warns(tmp_path, monkeypatch, caplog, capsys):
@@ -60,3 +49,30 @@ def test_a_model_that_fails_to_load_stops_the_server_and_non_loopback_warns(tmp_
     assert code == 1
     assert "without an API key" in caplog.text and "model load failed" in caplog.text
     assert re.search(r"serving on http://0\.0\.0\.0:\d+", capsys.readouterr().out)
+
+
+def _strict_json(response: httpx.Response):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(response.text, parse_constant=refuse)
+
+
+def test_a_non_finite_reward_is_an_item_error_not_invalid_json(tiny_reward_model):
+    import torch
+
+    from reward_models.api import Limits, create_app
+    from reward_models.scoring import RewardScorer
+
+    scorer = RewardScorer(tiny_reward_model, device="cpu")
+    poison = scorer.tokenizer("§", add_special_tokens=False)["input_ids"]  # a model that overflows on one token
+    with torch.no_grad():
+        scorer.model.get_input_embeddings().weight[poison] = float("nan")
+    with serve_in_thread(create_app(scorer, Limits())) as url:
+        response = httpx.post(f"{url}/v1/score", json={"items": [{"id": "bad", "text": "price: 5 §"},
+                                                                 {"id": "ok", "text": "price: 5"}]})
+        got = _strict_json(response)["results"]
+        assert got[0]["reward"] is None and got[0]["error"]["code"] == "non_finite_reward"
+        assert got[1]["error"] is None and math.isfinite(got[1]["reward"])
+        compared = httpx.post(f"{url}/v1/compare", json={"prompt": "p", "chosen": "§", "rejected": "ok"})
+        assert compared.status_code == 422 and _strict_json(compared)["error"]["code"] == "non_finite_reward"
