@@ -69,17 +69,42 @@ def model_revision(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
-class RewardScorer:
-    """A sequence-classification reward model (``num_labels=1``) with its tokenizer and statistics."""
+def resolve_reward_model_path(model_path: str) -> str:
+    """The directory (or Hub id) to load; a path that can only be local and is missing says so, instead of
+    the Hub's "Repo id must be in the form 'repo_name'" (a Hub id is ``name`` or ``org/name``)."""
+    from rlhf.models import resolve_model_path
 
-    def __init__(self, model_path: str, device: str | None = None, dtype: str = "float32", max_length: int | None = None):
+    path = resolve_model_path(model_path)
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)):
+        raise FileNotFoundError(f"{model_path}: no such model directory (train one with `rlhf reward`)")
+    return path
+
+
+class RewardScorer:
+    """A sequence-classification reward model (``num_labels=1``) with its tokenizer and statistics.
+
+    A checkpoint without the classification head (e.g. an SFT model) is refused: the head would be random,
+    and every reward noise. ``allow_untrained_head=True`` loads it anyway (tests, benchmarks)."""
+
+    def __init__(self, model_path: str, device: str | None = None, dtype: str = "float32", max_length: int | None = None,
+                 allow_untrained_head: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rlhf.models import disable_dropout, resolve_model_path
+        from rlhf.models import disable_dropout
 
-        path = resolve_model_path(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+        path = resolve_reward_model_path(model_path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise FileNotFoundError(f"{model_path}: neither a local model directory nor a model on the Hub ({exc})") from None
+        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=getattr(torch, dtype), output_loading_info=True)
+        prefix = self.model.base_model_prefix + "."
+        head = sorted(k for k in loading["missing_keys"] if not k.startswith(prefix))
+        if head and not allow_untrained_head:
+            raise ValueError(f"{model_path} is not a reward model: its checkpoint has no score head ({', '.join(head)}); "
+                             "it looks like a causal LM (e.g. the SFT stage's output). Train a reward model from it "
+                             "(`rlhf reward`), or pass --allow-untrained-head to serve a random head anyway")
         disable_dropout(self.model)
         self.model.eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

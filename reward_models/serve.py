@@ -18,6 +18,7 @@ import time
 
 from .api import Limits, create_app
 from .gate import api_key_from_env
+from .scoring import resolve_reward_model_path
 
 log = logging.getLogger("reward_models.serve")
 
@@ -26,11 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = Limits()
     # no abbreviations: "--api-key SECRET" must fail, not silently mean "--api-key-env SECRET"
     p = argparse.ArgumentParser(prog="serve_reward", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", required=True, help="reward model directory (or tiny:demo)")
+    p.add_argument("--model", required=True, help="reward model directory (or Hub id)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 = pick a free port (printed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--allow-untrained-head", action="store_true",
+                   help="serve a checkpoint that has no score head (its head is random: for tests only)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per item (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per forward")
@@ -72,6 +75,11 @@ def main(argv=None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        resolve_reward_model_path(args.model)
+    except (FileNotFoundError, ValueError) as exc:  # before listening: nothing to serve
+        log.error("%s", exc)
+        return 2
     if not is_loopback(args.host) and not has_key:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model; "
                     "set %s to require a bearer token", args.host, args.api_key_env)
@@ -85,7 +93,8 @@ def main(argv=None) -> int:
         from .scoring import RewardScorer
 
         log.info("loading %s", args.model)
-        return RewardScorer(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length)
+        return RewardScorer(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
+                            allow_untrained_head=args.allow_untrained_head)
 
     server: uvicorn.Server | None = None
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.api_helpers import error_code, serve_in_thread
 
@@ -76,3 +77,31 @@ def test_a_non_finite_reward_is_an_item_error_not_invalid_json(tiny_reward_model
         assert got[1]["error"] is None and math.isfinite(got[1]["reward"])
         compared = httpx.post(f"{url}/v1/compare", json={"prompt": "p", "chosen": "§", "rejected": "ok"})
         assert compared.status_code == 422 and _strict_json(compared)["error"]["code"] == "non_finite_reward"
+
+
+def test_a_causal_lm_is_refused_as_a_reward_model(tiny_reward_model, caplog):
+    """An SFT model has no score head: loaded as a reward model its head would be random and every reward
+    noise. Refused at start, unless the caller says that is what they want."""
+    from reward_models.scoring import RewardScorer
+    from reward_models.serve import main
+    from rlhf.models import resolve_model_path
+
+    causal = resolve_model_path("tiny:demo")  # the causal LM the tiny RM was made from
+    with pytest.raises(ValueError, match=r"not a reward model: its checkpoint has no score head \(score.weight\)"):
+        RewardScorer(causal, device="cpu")
+    assert RewardScorer(causal, device="cpu", allow_untrained_head=True).score([{"text": "hi"}])[0]["tokens"] > 1
+    with caplog.at_level("INFO"):
+        assert main(["--model", causal, "--port", "0"]) == 1  # it does not serve, nor report ready
+    assert "not a reward model" in caplog.text and "--allow-untrained-head" in caplog.text
+
+
+@pytest.mark.parametrize("path", ["runs/demo/sft", "/nonexistent/reward", "./rm"])
+def test_a_missing_model_directory_says_so(path, caplog):
+    from reward_models.scoring import RewardScorer
+    from reward_models.serve import main
+
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        RewardScorer(path, device="cpu")
+    with caplog.at_level("INFO"):
+        assert main(["--model", path, "--port", "0"]) == 2  # before it even listens
+    assert "no such model directory" in caplog.text and "Repo id" not in caplog.text
