@@ -119,7 +119,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
         rendered = dict(zip(valid, await service.render([body.items[i].model_dump(exclude={"id"}) for i in valid],
                                                         body.truncate)))
         ok = [i for i in valid if hasattr(rendered[i], "input_ids")]
-        rewards = dict(zip(ok, await service.run([rendered[i] for i in ok]))) if ok else {}
+        rewards = dict(zip(ok, await service.run([rendered[i] for i in ok], request))) if ok else {}
         results = [_result(item, rendered.get(i), rewards.get(i), service) for i, item in enumerate(body.items)]
         for r in results:
             metrics.items.labels(r["error"]["code"] if r["error"] else "scored").inc()
@@ -139,7 +139,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
         for name, r in zip(("chosen", "rejected"), rendered):
             if not hasattr(r, "input_ids"):  # a single answer: its problem is the request's
                 raise ApiError(422, "too_long" if isinstance(r, TooLong) else r.code, f"{name}: {getattr(r, 'message', r)}")
-        rewards = await service.run(rendered)
+        rewards = await service.run(rendered, request)
         if not all(map(math.isfinite, rewards)):
             raise ApiError(422, NON_FINITE["code"], NON_FINITE["message"])
         metrics.items.labels("scored").inc(2)
@@ -166,7 +166,9 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
 
     @app.get("/readyz", responses={503: {}})
     async def readyz():
-        """200 once the model is loaded and warmed up by a forward pass; 503 before, or if loading failed."""
+        """200 once the model is loaded and warmed up by a forward pass; 503 before, if loading failed, or draining."""
+        if service.draining:  # SIGTERM: a load balancer takes this replica out while it finishes its work
+            return Json({"status": "draining", "model_revision": service.revision}, 503)
         if service.batcher is not None:
             return Json({"status": "ready", "model_revision": service.revision})
         failed = {"status": "failed", "error": service.failed} if service.failed else {"status": "loading"}

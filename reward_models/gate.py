@@ -125,6 +125,7 @@ class Gate:
                 status[0] = message["status"]
                 extra = [(b"x-request-id", request_id.encode())]
                 extra += [(b"x-model-revision", self.state.revision.encode())] if self.state.revision else []
+                extra += [(b"connection", b"close")] if self.state.draining else []  # reconnect to another replica
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 

@@ -19,6 +19,7 @@ import time
 from .api import Limits, create_app
 from .gate import api_key_from_env
 from .scoring import resolve_reward_model_path
+from .shutdown import SETTLE_S, GracefulServer
 
 log = logging.getLogger("reward_models.serve")
 
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size; beyond: 413")
     p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens, help="tokens per request; beyond: 413")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 503")
+    p.add_argument("--shutdown-grace", type=float, default=20.0,
+                   help="seconds in-flight work may take after SIGTERM; then it is answered 503 (default 20: "
+                        "under Kubernetes' 30 s terminationGracePeriodSeconds)")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
@@ -109,9 +113,9 @@ def main(argv=None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5,
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=int(SETTLE_S),
                             log_config=None)  # our basicConfig; uvicorn's access log would add client addresses
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app.state.rm, args.shutdown_grace)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{port}"
 

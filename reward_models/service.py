@@ -52,12 +52,29 @@ class Service:
     def __init__(self, limits: Limits, metrics):
         self.limits, self.metrics = limits, metrics
         self.scorer = self.batcher = self.revision = self.failed = None
+        self.draining = False  # SIGTERM: finish what is in flight, take nothing new (see reward_models.shutdown)
         self._rendering = asyncio.Semaphore(limits.render_concurrency)
+        self._stopping = asyncio.Event()  # the drain's grace period is over
 
     def ready(self):
+        """The scorer and batcher, for a new request; 503 while loading or draining."""
+        if self.draining:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another replica",
+                           {"Retry-After": "1"})
         if self.batcher is None:
             raise ApiError(503, "not_ready", f"the model is {'failed' if self.failed else 'loading'}", {"Retry-After": "5"})
         return self.scorer, self.batcher
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Refuse new requests; the batcher stops waiting for company; after ``grace_s`` what is still
+        waiting for the model is answered 503."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.flush()
+        asyncio.get_running_loop().call_later(grace_s, self._stopping.set)
 
     async def load(self, scorer) -> None:
         """``scorer``: a loaded ``RewardScorer``, or a no-argument callable that loads one."""
@@ -102,24 +119,47 @@ class Service:
         return out
 
     async def render(self, items: list[dict], truncate: bool, max_length: int | None = None) -> list:
-        self.ready()
+        if self.scorer is None:
+            self.ready()
         chars = sum(len(str(v)) for item in items for v in item.values())
         if chars <= RENDER_INLINE_CHARS:
             return self._render_all(items, truncate, max_length)
         async with self._rendering:
             return await asyncio.to_thread(self._render_all, items, truncate, max_length)
 
-    async def run(self, rendered: list) -> list[float]:
-        """Raw rewards of rendered items, through the shared batcher."""
-        _, batcher = self.ready()
+    async def run(self, rendered: list, request=None) -> list[float]:
+        """Raw rewards of rendered items, through the shared batcher. What the model has not started is
+        dropped from the queue when the client disconnects (``request``: the ASGI request to watch), the
+        request times out or the shutdown grace period ends."""
+        batcher = self.batcher
+        if batcher is None:  # closed while this request was rendering
+            self.ready()
         try:
             futures = batcher.submit([r.input_ids for r in rendered])
         except QueueFull as exc:
             raise ApiError(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        answer = asyncio.gather(*futures)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(503, "timeout", "timed out waiting for the model", {"Retry-After": "1"}) from None
+            done, _ = await asyncio.wait([answer, stopping, *([gone] if gone else [])],
+                                         timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watcher in (stopping, gone):
+                if watcher is not None:
+                    watcher.cancel()
+        if answer in done:
+            return answer.result()
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
+        batcher.discard(futures)
+        outcome = "cancelled" if gone in done else "shutting_down" if stopping in done else "timeout"
+        self.metrics.items.labels(outcome).inc(len(rendered))
+        if outcome == "cancelled":  # nobody reads this answer: it only names the request in the log (499, as nginx)
+            raise ApiError(499, "client_disconnected", "the client closed the connection")
+        if outcome == "shutting_down":
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another replica",
+                           {"Retry-After": "1"})
+        raise ApiError(503, "timeout", "timed out waiting for the model", {"Retry-After": "1"})
 
     def normalize(self, reward: float) -> float:
         return self.scorer.normalize(reward)
@@ -127,3 +167,9 @@ class Service:
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client has gone: after the body, the next ASGI message is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -74,3 +74,13 @@ def serve_in_thread(app, wait_ready: bool = True):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_until_idle(server, timeout: float = 20.0) -> None:
+    """Until the server's queue is empty (a held item from an earlier test has left)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while metric(server, "rm_queue_depth") > 0:
+        assert time.monotonic() < deadline, "the queue did not drain"
+        time.sleep(0.05)

@@ -138,6 +138,10 @@ API_SERVERS = {
     # one is held is refused with 429, deterministically
     "queue": (("--max-queue", "1", "--max-items", "1", "--max-batch-items", "8", "--wait-policy", "always",
                "--max-wait-ms", "1500"), {}),
+    # a batcher that holds items 3 s waiting for company, with room for 4096 of them in one batch: what a
+    # client abandons within those 3 s is, deterministically, still queued
+    "hold": (("--wait-policy", "always", "--max-wait-ms", "3000", "--max-batch-items", "4096", "--max-batch-tokens",
+              "4000000", "--max-queue", "4096"), {}),
 }
 
 
@@ -163,3 +167,8 @@ def auth_reward_server(api_servers) -> LiveServer:
 @pytest.fixture(scope="session")
 def queue_reward_server(api_servers) -> LiveServer:
     return api_servers["queue"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def hold_reward_server(api_servers) -> LiveServer:
+    return api_servers["hold"].wait_ready()

@@ -146,3 +146,43 @@ def test_limits_are_validated():
     with pytest.raises(ValueError, match="positive"):
         Limits(max_body_bytes=0)
     assert json.loads(json.dumps(Limits().__dict__))["api_key_env"] == "RLHF_API_KEY"
+
+
+def test_discarded_items_are_never_computed_and_free_their_room_at_once():
+    seen, started, release = [], threading.Event(), threading.Event()
+
+    def fn(batch):
+        seen.extend(batch)
+        started.set()
+        release.wait(10)
+        return [0.0] * len(batch)
+
+    async def go():
+        batcher = MicroBatcher(fn, max_batch_items=1, max_wait_s=0.001, max_queue=3)
+        await batcher.start()
+        first = batcher.submit([[1], [2], [3]])  # one round: [1] runs, [2] and [3] wait for their turn
+        await asyncio.to_thread(started.wait, 10)
+        assert batcher.discard(first[1:]) == 2
+        second = batcher.submit([[4], [5]])  # the queue had room again at once
+        with pytest.raises(QueueFull):
+            batcher.submit([[6], [7]])
+        release.set()
+        values = await asyncio.gather(first[0], *second)
+        await batcher.close()
+        return values
+
+    assert _run(go()) == [0.0, 0.0, 0.0] and [2] not in seen and [3] not in seen
+
+
+def test_flush_ends_the_wait_for_company():
+    async def go():
+        batcher = MicroBatcher(lambda b: [1.0] * len(b), max_wait_s=30, wait_policy="always")
+        await batcher.start()
+        future = batcher.submit([[1]])[0]
+        await asyncio.sleep(0.05)
+        batcher.flush()  # shutting down: no more company is coming
+        value = await asyncio.wait_for(future, 10)
+        await batcher.close()
+        return value
+
+    assert _run(go()) == 1.0

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.api_helpers import error_code, serve_in_thread
+from tests.api_helpers import error_code, metric, results, score, serve_in_thread, wait_until_idle
+from tests.conftest import LiveServer
 
 
 def test_readyz_is_503_until_the_model_is_loaded(tiny_reward_model):
@@ -105,3 +107,63 @@ def test_a_missing_model_directory_says_so(path, caplog):
     with caplog.at_level("INFO"):
         assert main(["--model", path, "--port", "0"]) == 2  # before it even listens
     assert "no such model directory" in caplog.text and "Repo id" not in caplog.text
+
+
+def test_a_disconnected_clients_queued_items_are_not_computed(hold_reward_server):
+    """Four clients send 256 items each and leave before the batcher (holding items 3 s for company) runs
+    them: the items are dropped from the queue, and the model computes none of them."""
+    server = hold_reward_server
+    wait_until_idle(server)
+    tokens, cancelled = metric(server, "rm_tokens_total"), metric(server, 'rm_items_total{outcome="cancelled"}')
+    body = {"items": [{"id": i, "text": "I have sent you the tracking link for your lamp. " * 3} for i in range(256)]}
+
+    def abandon():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/score", json=body, timeout=httpx.Timeout(30, read=0.3))
+
+    threads = [threading.Thread(target=abandon) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_until_idle(server)  # then a new round, after whatever forward the abandoned items got
+    after = results(score(server, [{"id": 0, "text": "still serving"}]))[0]
+    assert metric(server, "rm_tokens_total") - tokens == after["tokens"]  # before: 4 x 256 items computed for nobody
+    assert metric(server, 'rm_items_total{outcome="cancelled"}') - cancelled == 1024
+
+
+def test_sigterm_drains_in_flight_work_then_answers_json_503(tiny_reward_model, tmp_path):
+    """SIGTERM with more work in flight than the grace period allows: /readyz turns 503 at once (the port
+    stays open while draining, so a load balancer sees it), new requests are refused, and what cannot
+    finish is answered with the API's JSON 503 + Retry-After; then the process exits 0, without tracebacks."""
+    server = LiveServer(tiny_reward_model, tmp_path / "server.log", "--max-batch-items", "1",
+                        "--shutdown-grace", "1").wait_ready()
+    try:
+        body = {"items": [{"id": i, "text": "I have issued a full refund for your lamp. " * 25} for i in range(256)]}
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(httpx.post(f"{server.url}/v1/score", json=body,
+                                                                              timeout=60))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while metric(server, "rm_queue_depth") < 600:  # one item per forward: seconds of work queued
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        while (ready := httpx.get(f"{server.url}/readyz")).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        late = score(server, [{"id": 0, "text": "too late"}])
+        assert late.status_code == 503 and error_code(late) == "shutting_down" and late.headers["Retry-After"]
+        for t in threads:
+            t.join()
+        assert {a.status_code for a in answers} <= {200, 503} and 503 in {a.status_code for a in answers}
+        for a in answers:
+            if a.status_code == 503:
+                assert error_code(a) == "shutting_down" and a.headers["Retry-After"].isdigit()
+        assert server.proc.wait(30) == 0
+        logs = server.logs()
+        assert "Traceback" not in logs and "CancelledError" not in logs and "draining" in logs
+    finally:
+        server.stop()
