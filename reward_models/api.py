@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .gate import Gate, Metrics, api_key_from_env, document_auth
 from .schemas import (
@@ -95,6 +96,8 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
                     headers=headers)
 
     def http_error(request, exc):  # FastAPI answers 400 to a body it cannot decode (e.g. not UTF-8): that is a 422
+        if isinstance(exc.__cause__, ClientDisconnect):  # or to a client gone before its body was complete
+            return error(499, "client_disconnected", "the client closed the connection")
         if exc.status_code == 400:
             return error(422, "invalid_request", "the body is not valid JSON (UTF-8)")
         code = "body_too_large" if exc.status_code == 413 else "http_error"

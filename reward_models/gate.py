@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import prometheus_client as prom
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .schemas import Json
 
@@ -139,6 +140,8 @@ class Gate:
         try:
             rejection = self._check(path, headers)
             await (rejection or self.app)(scope, receive if rejection else receive_limited, send_wrapped)
+        except ClientDisconnect:  # gone while sending its body (or closed for being too slow): nobody to answer
+            status[0] = status[0] or 499
         except Exception as exc:  # the type only: a message could quote request text
             log.error("request %s %s failed: %s", request_id, endpoint, type(exc).__name__)
             if not status[0]:

@@ -17,6 +17,7 @@ import threading
 import time
 
 from .api import Limits, create_app
+from .connections import ConnectionLimits
 from .gate import api_key_from_env
 from .scoring import resolve_reward_model_path
 from .shutdown import SETTLE_S, GracefulServer
@@ -47,6 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size; beyond: 413")
     p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens, help="tokens per request; beyond: 413")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 503")
+    c = ConnectionLimits()
+    p.add_argument("--timeout-header", type=float, default=c.timeout_header_s,
+                   help="seconds a connection has to send complete request headers; then it is closed")
+    p.add_argument("--timeout-body", type=float, default=c.timeout_body_s,
+                   help="seconds from the headers to the end of the body; then the connection is closed")
+    p.add_argument("--timeout-keep-alive", type=int, default=c.timeout_keep_alive_s,
+                   help="seconds an idle connection is kept open between requests")
+    p.add_argument("--limit-concurrency", type=int, default=c.limit_concurrency,
+                   help="open connections + requests in progress; beyond: 503")
+    p.add_argument("--max-header-bytes", type=int, default=c.max_header_bytes,
+                   help="request line + headers; beyond: 400")
     p.add_argument("--shutdown-grace", type=float, default=20.0,
                    help="seconds in-flight work may take after SIGTERM; then it is answered 503 (default 20: "
                         "under Kubernetes' 30 s terminationGracePeriodSeconds)")
@@ -113,8 +125,11 @@ def main(argv=None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
+    connections = ConnectionLimits(args.timeout_header, args.timeout_body, args.timeout_keep_alive,
+                                   args.limit_concurrency, args.max_header_bytes)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=int(SETTLE_S),
-                            log_config=None)  # our basicConfig; uvicorn's access log would add client addresses
+                            log_config=None,  # our basicConfig; uvicorn's access log would add client addresses
+                            **connections.uvicorn_settings())
     server = GracefulServer(config, app.state.rm, args.shutdown_grace)
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{port}"

@@ -140,6 +140,9 @@ API_SERVERS = {
                "--max-wait-ms", "1500"), {}),
     # a batcher that holds items 3 s waiting for company, with room for 4096 of them in one batch: what a
     # client abandons within those 3 s is, deterministically, still queued
+    # connection limits small enough to hit: 1 s to send headers / a body / the next request, 6 connections
+    "conn": (("--timeout-header", "1", "--timeout-body", "1", "--timeout-keep-alive", "1", "--limit-concurrency", "6"),
+             {}),
     "hold": (("--wait-policy", "always", "--max-wait-ms", "3000", "--max-batch-items", "4096", "--max-batch-tokens",
               "4000000", "--max-queue", "4096"), {}),
 }
@@ -172,3 +175,8 @@ def queue_reward_server(api_servers) -> LiveServer:
 @pytest.fixture(scope="session")
 def hold_reward_server(api_servers) -> LiveServer:
     return api_servers["hold"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def conn_reward_server(api_servers) -> LiveServer:
+    return api_servers["conn"].wait_ready()

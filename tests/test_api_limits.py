@@ -4,6 +4,7 @@ full queue."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -118,3 +119,66 @@ def test_full_queue_is_429_with_retry_after(queue_reward_server):
     assert refused.headers["Retry-After"].isdigit() and int(refused.headers["Retry-After"]) >= 1
     thread.join()
     assert results(held["r"])[0]["error"] is None
+
+
+def _address(server) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 15.0) -> bool:
+    """Whether the server closes the connection within ``timeout`` (EOF or reset), reading what it sends."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_half_open_and_trickling_connections_are_closed(conn_reward_server):
+    """Connections that send nothing, or their headers or body a byte at a time, are closed after the
+    header/body timeouts (1 s on this server) instead of being held forever."""
+    address = _address(conn_reward_server)
+    silent = [socket.create_connection(address) for _ in range(3)]
+    slow_headers, slow_body = socket.create_connection(address), socket.create_connection(address)
+    body = b'{"items": [{"id": 1, "text": "' + b"x" * 200 + b'"}]}'
+    slow_body.sendall(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
+    closed = {}
+
+    def trickle(name, sock, data):  # one byte every 0.1 s: 20+ s for all of it, unless the server hangs up
+        for i in range(len(data)):
+            try:
+                sock.send(data[i:i + 1])
+            except OSError:
+                closed[name] = i
+                return
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=trickle, args=("headers", slow_headers, b"GET /healthz HTTP/1.1\r\nHost: t\r\n" * 8)),
+               threading.Thread(target=trickle, args=("body", slow_body, body))]
+    for t in threads:
+        t.start()
+    assert all(_closed_by_server(s) for s in silent)
+    for t in threads:
+        t.join()
+    assert set(closed) == {"headers", "body"}  # cut off mid-way, long before the last byte
+    assert results(score(conn_reward_server, [{"id": 0, "text": "still serving"}]))[0]["error"] is None
+
+
+def test_idle_keep_alive_and_the_connection_limit(conn_reward_server):
+    address = _address(conn_reward_server)
+    kept = socket.create_connection(address)
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    assert _closed_by_server(kept)  # idle after its answer: closed after timeout_keep_alive (1 s)
+    hogs = [socket.create_connection(address) for _ in range(6)]  # the limit: 6 connections + requests
+    time.sleep(0.2)
+    refused = httpx.get(f"{conn_reward_server.url}/healthz")
+    assert refused.status_code == 503  # uvicorn's own answer, before the app
+    assert all(_closed_by_server(h) for h in hogs)  # half-open: closed after the header timeout
+    assert httpx.get(f"{conn_reward_server.url}/healthz").status_code == 200
