@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -27,6 +26,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from . import protocols
 from .gate import Gate, Metrics, api_key_from_env, document_auth
 from .schemas import (
     ApiError,
@@ -64,9 +64,10 @@ def _result(item, rendered, reward, service: Service) -> dict:
     return result
 
 
-def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> FastAPI:
+def create_app(scorer, limits: Limits | None = None, on_load_failure=None, openrlhf_reward: str = "normalized") -> FastAPI:
     """``scorer``: a loaded ``RewardScorer``, or a no-argument callable that loads one (the app then answers
-    /healthz at once, and /readyz once the model is loaded and warmed up by a forward pass)."""
+    /healthz at once, and /readyz once the model is loaded and warmed up by a forward pass).
+    ``openrlhf_reward``: what /get_reward answers, "normalized" or "raw" rewards (``reward_models.protocols``)."""
     limits = limits or Limits()
     api_key = api_key_from_env(limits.api_key_env)
     metrics = Metrics(lambda: service.batcher.depth if service.batcher else 0)
@@ -156,8 +157,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
         """The served model (revision hash, max length, normalization statistics) and the limits."""
         scorer_, _ = service.ready()
         info = scorer_.info()
-        model = {k: v for k, v in info.items() if k != "path"}  # the server's file layout stays private
-        model["id"] = os.path.basename(os.path.normpath(info.get("path") or "reward-model"))
+        model = {k: v for k, v in info.items() if k != "path"} | {"id": service.model_id()}
         shown = {k: v for k, v in asdict(limits).items() if k != "api_key_env"}
         return Json({"model_revision": service.revision, "models": [model], "auth": api_key is not None,
                      "limits": {**shown, "max_item_tokens": scorer_.max_length}})
@@ -182,6 +182,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
         """Prometheus text format."""
         return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
 
+    app.include_router(protocols.router(service, openrlhf_reward))
     document_auth(app)
     app.add_middleware(Gate, state=service, metrics=metrics, limits=limits, api_key=api_key)
     return app

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reward_models.api")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-ENDPOINTS = frozenset({"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics"}) | OPEN_PATHS
+ENDPOINTS = frozenset({"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics", "/get_reward",
+                       "/classify"}) | OPEN_PATHS
 
 
 def api_key_from_env(name: str) -> str | None:

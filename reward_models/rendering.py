@@ -146,12 +146,17 @@ def item_pieces(tokenizer, item: dict) -> list[Piece]:
 
     v = vocab(tokenizer)
     messages = as_messages(item)
-    if messages is not None:  # the template writes any BOS itself (as apply_chat_template(tokenize=True) does)
-        return _conversation_pieces(tokenizer, v, messages)
-    text = item["text"]
-    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
-        text += tokenizer.eos_token
-    return [p for p in (v.prefix, (text, True), v.suffix) if p]  # raw text gets the tokenizer's own BOS, if any
+    # the template writes any BOS itself (as apply_chat_template(tokenize=True) does); raw text gets the
+    # tokenizer's own, if it adds one. Protocol adapters may say otherwise, as the servers they stand in for do
+    around = item.get("add_special_tokens", messages is None)
+    if messages is not None:
+        pieces = _conversation_pieces(tokenizer, v, messages)
+    else:
+        text = item["text"]
+        if item.get("append_eos", True) and tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+            text += tokenizer.eos_token
+        pieces = [(text, True)]
+    return [p for p in (v.prefix if around else [], *pieces, v.suffix if around else []) if p]
 
 
 def render_pieces(tokenizer, pieces: list[Piece], max_length: int | None, truncate: bool,

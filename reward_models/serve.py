@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shutdown-grace", type=float, default=20.0,
                    help="seconds in-flight work may take after SIGTERM; then it is answered 503 (default 20: "
                         "under Kubernetes' 30 s terminationGracePeriodSeconds)")
+    p.add_argument("--openrlhf-reward", default="normalized", choices=("normalized", "raw"),
+                   help="what OpenRLHF's /get_reward answers: rewards normalized with the RM's training statistics, or raw")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     def stop():  # a server whose model failed to load only confuses its callers: exit non-zero
         server.should_exit = True
 
-    app = create_app(load, limits, on_load_failure=stop)
+    app = create_app(load, limits, on_load_failure=stop, openrlhf_reward=args.openrlhf_reward)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP, and without it
     # Nagle + delayed ACK add 40 ms to every answer on a keep-alive connection

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from .batching import MicroBatcher, QueueFull
@@ -160,6 +161,10 @@ class Service:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another replica",
                            {"Retry-After": "1"})
         raise ApiError(503, "timeout", "timed out waiting for the model", {"Retry-After": "1"})
+
+    def model_id(self) -> str:
+        """The served model's name: its directory's (the server's file layout stays private)."""
+        return os.path.basename(os.path.normpath(self.scorer.path or "reward-model"))
 
     def normalize(self, reward: float) -> float:
         return self.scorer.normalize(reward)
