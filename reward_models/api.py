@@ -183,6 +183,6 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None, openr
         return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
 
     app.include_router(protocols.router(service, openrlhf_reward))
-    document_auth(app)
+    document_auth(app, api_key is not None)
     app.add_middleware(Gate, state=service, metrics=metrics, limits=limits, api_key=api_key)
     return app

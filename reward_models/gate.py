@@ -66,16 +66,19 @@ class Metrics:
         self.forward.observe(seconds)
 
 
-def document_auth(app: FastAPI) -> None:
-    """Auth is enforced by ``Gate`` (before any body is read); this only shows it in the OpenAPI schema."""
+def document_auth(app: FastAPI, with_key: bool) -> None:
+    """Auth is enforced by ``Gate`` (before any body is read); this only shows it in the OpenAPI schema, when
+    this server has a key (a document that asks for a bearer token the server ignores would be wrong)."""
     def openapi():
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, ops in schema["paths"].items():
-                for op in ops.values() if path not in OPEN_PATHS else ():
-                    op["security"] = [{"bearer": []}]
+            if with_key:
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in schema["paths"].items():
+                    for op in ops.values() if path not in OPEN_PATHS else ():
+                        op["security"] = [{"bearer": []}]
+                        op.setdefault("responses", {}).setdefault("401", {"description": "No or a wrong bearer key"})
             app.openapi_schema = schema
         return app.openapi_schema
     app.openapi = openapi

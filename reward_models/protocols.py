@@ -31,7 +31,8 @@ from .service import Service, sigmoid
 
 # unknown fields are ignored, as the servers these stand in for do (their clients add fields over time)
 LENIENT = ConfigDict(extra="ignore", strict=True)
-Texts = Annotated[list[StrictStr], Field(min_length=1)]
+Text = Annotated[StrictStr, Field(min_length=1)]
+Texts = Annotated[list[Text], Field(min_length=1)]
 
 
 class OpenRLHFRequest(BaseModel):
@@ -56,7 +57,7 @@ class ChatMessage(BaseModel):
 class ClassifyRequest(BaseModel):
     model_config = LENIENT
     model: StrictStr | None = None  # any name: trainers send a path or Hub id, not this server's model id
-    input: StrictStr | Texts | Annotated[list[StrictInt], Field(min_length=1)] | \
+    input: Text | Texts | Annotated[list[StrictInt], Field(min_length=1)] | \
         Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: StrictBool | None = None  # vLLM's defaults: on for input, off for messages
@@ -92,6 +93,8 @@ async def _rewards(service: Service, request: Request, items: list, truncate: bo
             raise ApiError(422, "too_long", f"input {i}: {r}")
         if isinstance(r, ApiError):
             raise ApiError(r.status, r.code, f"input {i}: {r.message}")
+        if not r.n_tokens:  # "" with nothing added around it: no token to read a reward at
+            raise ApiError(422, "invalid_request", f"input {i} is empty: there is nothing to score")
     if sum(r.n_tokens for r in rendered) > service.limits.max_total_tokens:
         raise ApiError(413, "too_many_tokens", f"the request has more than {service.limits.max_total_tokens} tokens")
     rewards = await service.run(rendered, request)

@@ -153,6 +153,9 @@ def api_servers(tiny_reward_model, tmp_path_factory):
     servers = {name: LiveServer(tiny_reward_model, tmp_path_factory.mktemp(f"server_{name}") / "server.log", *flags,
                                 env=env) for name, (flags, env) in API_SERVERS.items()}
     yield servers
+    for server in servers.values():  # all at once: each drains (briefly) on SIGTERM
+        if server.proc.poll() is None:
+            server.proc.terminate()
     for server in servers.values():
         server.stop()
 
