@@ -110,6 +110,14 @@ class Server:
         writer.close()
         return status
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (Linux), all its threads."""
+        try:
+            ticks = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self):
         self.proc.terminate()
         self.proc.wait(30)
@@ -152,10 +160,13 @@ def load(server: Server, items: list[dict], clients: int, seconds: float, bodies
         return latencies, errors, time.perf_counter() - start
 
     asyncio.run(run(min(1.0, seconds / 4)))  # warm-up: connections, allocator, batch shapes
+    cpu = server.cpu_seconds()
     latencies, errors, elapsed = asyncio.run(run(seconds))
+    cpu = server.cpu_seconds() - cpu
     latencies.sort()
     return {"rps": len(latencies) / elapsed, "p50": 1000 * statistics.median(latencies),
-            "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": len(errors)}
+            "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": len(errors),
+            "cpu_ms": 1000 * cpu / max(1, len(latencies))}  # the server's CPU per request: steadier than req/s
 
 
 def main(argv=None) -> None:
@@ -198,13 +209,16 @@ def protocol_row(args, model: str, scorer, items: list[dict]) -> None:
     finally:
         server.close()
     print(f"\nprotocol row: {top} clients, best of {args.repeats} alternating runs of {args.seconds:.0f}s")
-    print(f"{'endpoint':<34}{'texts/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(f"{'endpoint':<34}{'texts/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'CPU ms/text':>13}")
     for per in (1, 16):
         for path in ("/v1/score", "/get_reward"):
             r = best[path, per]
-            print(f"{f'{path}, {per} per request':<34}{r['rps'] * per:>10.0f}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['errors']:>8}")
+            print(f"{f'{path}, {per} per request':<34}{r['rps'] * per:>10.0f}{r['p50']:>10.1f}{r['p99']:>10.1f}"
+                  f"{r['errors']:>8}{r['cpu_ms'] / per:>13.2f}")
         ratio = best["/get_reward", per]["rps"] / best["/v1/score", per]["rps"]
-        print(f"  OpenRLHF adapter / native, {per} per request: {ratio:.1%} (goal: > 90%)")
+        cpu = best["/get_reward", per]["cpu_ms"] / best["/v1/score", per]["cpu_ms"]
+        print(f"  OpenRLHF adapter / native, {per} per request: throughput {ratio:.1%} (goal: > 90%), "
+              f"server CPU per text {cpu:.1%}")
 
 
 def run(args, model: str) -> None:

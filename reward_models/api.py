@@ -1,15 +1,16 @@
-"""The reward-model scoring API: ``create_app(scorer, limits)`` (docs/design.md, Scoring API; the reference: docs/api.md).
+"""The reward-model scoring API: ``create_app(scorer, limits)`` (docs/design.md, Scoring API; reference: docs/api.md).
 
 Status codes: 401 missing/wrong bearer key; 413 anything too big to take at once (body bytes, items per
 request, tokens per request: the client should split); 422 a request that is malformed (bad JSON, wrong
-types, unknown fields, no items) or, on the single-item endpoint /v1/compare, an input over the model's
-length; 429 queue full (with Retry-After); 503 model not loaded yet or the answer timed out. In /v1/score a
-bad *item* never fails the request: it gets its own ``error`` and the other items are scored.
+types, unknown fields, no items) or, on the single-answer endpoints (/v1/compare, the protocol
+adapters), an input over the model's length or a non-finite reward; 429 queue full (with Retry-After);
+503 model loading, server shutting down, or the answer timed out (with Retry-After). In /v1/score a bad
+*item* never fails the request: it gets its own ``error`` and the other items are scored.
 
-The per-item token limit is the scorer's ``max_length`` (``--max-length``): one number, so /v1/models
-reports it and truncation cuts to it. With a key set, everything except /healthz, /readyz and the docs
-needs it, /metrics included. No request text ever reaches a log line: logs carry ids, counts and timings.
-"""
+The per-item token limit is the scorer's ``max_length`` (``--max-length``, by default the length the RM
+was trained with): one number, so /v1/models reports it and truncation cuts to it. With a key set,
+everything except /healthz, /readyz and the docs needs it, /metrics included. No request text ever
+reaches a log line: logs carry ids, counts and timings."""
 
 from __future__ import annotations
 

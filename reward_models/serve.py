@@ -30,16 +30,18 @@ log = logging.getLogger("reward_models.serve")
 def parse_args(argv=None) -> argparse.Namespace:
     d = Limits()
     # no abbreviations: "--api-key SECRET" must fail, not silently mean "--api-key-env SECRET"
-    p = argparse.ArgumentParser(prog="serve_reward", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="serve_reward", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="reward model directory (or Hub id)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only unless told)")
     p.add_argument("--port", type=int, default=8000, help="0 = pick a free port (printed)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (none: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights' dtype")
     p.add_argument("--allow-untrained-head", action="store_true",
                    help="serve a checkpoint that has no score head (its head is random: for tests only)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per item (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per item (none: what the RM was trained with, else the model's position limit)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (none: torch's)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per forward")
     p.add_argument("--max-batch-items", type=int, default=d.max_batch_items, help="items per forward")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long an item waits for a batch")
@@ -66,12 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the port, each with its own copy of the model")
     p.add_argument("--shutdown-grace", type=float, default=20.0,
-                   help="seconds in-flight work may take after SIGTERM; then it is answered 503 (default 20: "
-                        "under Kubernetes' 30 s terminationGracePeriodSeconds)")
+                   help="seconds in-flight work may take after SIGTERM; then it is answered 503 "
+                        "(under Kubernetes' 30 s terminationGracePeriodSeconds)")
     p.add_argument("--openrlhf-reward", default="normalized", choices=("normalized", "raw"),
                    help="what OpenRLHF's /get_reward answers: rewards normalized with the RM's training statistics, or raw")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
     return p.parse_args(argv)
 
 
