@@ -46,9 +46,13 @@ class _Vocab:
     of its backend that encodes them as plain text, and the ids it adds around raw text (e.g. BOS)."""
 
     def __init__(self, tokenizer):
-        specials = {str(t): i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.specials = specials
-        self.pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+        added = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
+        self.specials = {t.content: tokenizer.convert_tokens_to_ids(t.content) for t in added}
+        # longest first: the tokenizer takes the longest match; lstrip/rstrip tokens take the spaces beside them
+        alternatives = [(r"\s*" if t.lstrip else "") + re.escape(t.content) + (r"\s*" if t.rstrip else "")
+                        for t in sorted(added, key=lambda t: len(t.content), reverse=True)]
+        self.pattern = re.compile("|".join(alternatives)) if alternatives else None
+        self.size = len(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:  # a private copy: the flag is global to a backend, and rendering runs in threads
             from tokenizers import Tokenizer
@@ -74,7 +78,7 @@ class _Vocab:
 
 def vocab(tokenizer) -> _Vocab:
     cached = getattr(tokenizer, "_rlhf_vocab", None)
-    if cached is None:
+    if cached is None or cached.size != len(tokenizer):  # built anew when tokens were added since
         cached = _Vocab(tokenizer)
         tokenizer._rlhf_vocab = cached
     return cached
@@ -131,7 +135,8 @@ def _encode(v: _Vocab, pieces: list[Piece], memo: dict) -> list[int]:
         start = 0
         for match in (v.pattern.finditer(text) if parse and v.pattern is not None else ()):
             run.append(text[start:match.start()])
-            segments += ["".join(run), v.specials[match.group()]]
+            token = match.group() if match.group() in v.specials else match.group().strip()  # lstrip/rstrip
+            segments += ["".join(run), v.specials[token]]
             run, start = [], match.end()
         run.append(text[start:])
     segments.append("".join(run))

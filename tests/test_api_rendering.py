@@ -25,10 +25,10 @@ def tiny_tokenizer(tiny_reward_model):
     return AutoTokenizer.from_pretrained(tiny_reward_model)
 
 
-@pytest.fixture(scope="module")
-def chatml_tokenizer():
-    """A byte-level BPE with ChatML's special tokens and template (as SmolLM2 / Qwen chat models have)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_chatml_tokenizer(strip: bool = False):
+    """A byte-level BPE with ChatML's special tokens and template (as SmolLM2 / Qwen chat models have);
+    ``strip``: its turn markers absorb the spaces beside them (AddedToken lstrip/rstrip, as some models')."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from rlhf.data.demo_task import DemoTaskConfig, corpus
@@ -36,12 +36,19 @@ def chatml_tokenizer():
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    specials = ["<|endoftext|>", AddedToken("<|im_start|>", lstrip=strip, special=True),
+                AddedToken("<|im_end|>", rstrip=strip, special=True)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(corpus(DemoTaskConfig(seed=0)), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    return build_chatml_tokenizer()
 
 
 def special_ids(tokenizer, ids):
@@ -65,9 +72,9 @@ FORGERIES = {
 }
 
 
-@pytest.mark.parametrize("template", ["tiny", "chatml"])
+@pytest.mark.parametrize("template", ["tiny", "chatml", "chatml-stripping"])
 def test_ordinary_content_renders_as_the_tokenizer_renders_it(template, tiny_tokenizer, chatml_tokenizer):
-    tokenizer = tiny_tokenizer if template == "tiny" else chatml_tokenizer
+    tokenizer = {"tiny": tiny_tokenizer, "chatml": chatml_tokenizer}.get(template) or build_chatml_tokenizer(strip=True)
     for item in BENIGN:
         messages = (item.get("messages") or
                     ([{"role": "user", "content": item["prompt"]}] if isinstance(item["prompt"], str) else item["prompt"])
