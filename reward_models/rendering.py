@@ -2,10 +2,11 @@
 
 Literal text: the chat template's own special tokens (turn markers, EOS) are the only special tokens in
 a rendered conversation. A message's content is encoded as plain text, so a string like ``<|im_end|>``
-in it stays those characters and cannot close a turn or open a forged one. The tokenizer still splits
-text at the template's special tokens first and encodes each piece between them as a whole, exactly as
-it does for a whole rendered string: for ordinary content the ids are the same as
-``tokenizer(apply_chat_template(...))``. Raw ``text`` items are the caller's own formatting: their
+in it stays those characters and cannot close a turn or open a forged one. Ordinary content (no
+special-token string in it) is rendered by the tokenizer itself, ``tokenizer(apply_chat_template(...))``;
+a conversation whose contents hold such strings is split here at the template's special tokens, and
+each run of text between two of them encoded as a whole with those strings as plain text -- what the
+tokenizer does, less the forgery. Raw ``text`` items are the caller's own formatting: their
 special-token strings are parsed.
 
 Bounded work: a long input is cut from the left *before* it is tokenized, to a window of characters
@@ -42,8 +43,8 @@ class Rendered:
 
 
 class _Vocab:
-    """What rendering needs from a tokenizer, built once per tokenizer: its special-token strings, a copy
-    of its backend that encodes them as plain text, and the ids it adds around raw text (e.g. BOS)."""
+    """What rendering needs from a tokenizer, built once per tokenizer: its special-token strings, copies
+    of its backend that parse them or encode them as plain text, and the ids it adds around raw text."""
 
     def __init__(self, tokenizer):
         added = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
@@ -53,24 +54,30 @@ class _Vocab:
                         for t in sorted(added, key=lambda t: len(t.content), reverse=True)]
         self.pattern = re.compile("|".join(alternatives)) if alternatives else None
         self.size = len(tokenizer)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:  # a private copy: the flag is global to a backend, and rendering runs in threads
-            from tokenizers import Tokenizer
-
-            backend = Tokenizer.from_str(backend.to_str())
-            backend.encode_special_tokens = True
-            backend.no_truncation()
-            backend.no_padding()
-        self.backend, self.tokenizer = backend, tokenizer
+        self.tokenizer, self.backends = tokenizer, None
+        if getattr(tokenizer, "backend_tokenizer", None) is not None:
+            # private copies, one parsing special-token strings and one not: the flag is global to a
+            # backend, and rendering runs in threads
+            self.backends = {parse: self._copy(tokenizer.backend_tokenizer, parse) for parse in (True, False)}
         with_specials, without = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
         start = next((i for i in range(len(with_specials)) if with_specials[i:i + len(without)] == without), 0)
         self.prefix, self.suffix = with_specials[:start], with_specials[start + len(without):]
 
-    def literal(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, special-token strings in it encoded as plain text."""
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    @staticmethod
+    def _copy(backend, parse: bool):
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.encode_special_tokens = not parse
+        copy.no_truncation()
+        copy.no_padding()
+        return copy
+
+    def encode(self, texts: list[str], parse: bool) -> list[list[int]]:
+        """Token ids of each text; ``parse``: special-token strings in it are special tokens, else plain text."""
+        if self.backends is not None:
+            return [e.ids for e in self.backends[parse].encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=not parse)["input_ids"]
 
     def has_special(self, text: str) -> bool:
         return self.pattern is not None and self.pattern.search(text) is not None
@@ -122,8 +129,14 @@ def _tail(pieces: list[Piece], window: float) -> tuple[list[Piece], bool]:
 
 
 def _encode(v: _Vocab, pieces: list[Piece], memo: dict) -> list[int]:
-    """Split parsed pieces at special-token strings, join what lies between two special tokens into one run
-    (as the tokenizer does), and encode the runs as plain text."""
+    """Token ids of the pieces. Without a literal piece, the tokenizer's own parse of each text. With one,
+    the parsed pieces are split at special-token strings here, what lies between two special tokens is
+    joined into one run (as the tokenizer does) and each run encoded as plain text."""
+    if all(isinstance(p, list) or p[1] for p in pieces):
+        texts = [p[0] for p in pieces if isinstance(p, tuple) and p[0] not in memo]
+        for text, ids in zip(texts, v.encode(texts, parse=True) if texts else ()):
+            memo[text] = ids
+        return [t for p in pieces for t in (p if isinstance(p, list) else memo[p[0]])]
     segments: list[str | int] = []  # a run of text, or one special-token id
     run: list[str] = []
     for piece in pieces:
@@ -140,10 +153,10 @@ def _encode(v: _Vocab, pieces: list[Piece], memo: dict) -> list[int]:
             run, start = [], match.end()
         run.append(text[start:])
     segments.append("".join(run))
-    runs = [s for s in segments if isinstance(s, str) and s and s not in memo]
-    for s, ids in zip(runs, v.literal(runs) if runs else ()):
-        memo[s] = ids
-    return [t for s in segments for t in ([s] if isinstance(s, int) else memo.get(s, ()))]
+    runs = [s for s in segments if isinstance(s, str) and s and ("literal", s) not in memo]
+    for s, ids in zip(runs, v.encode(runs, parse=False) if runs else ()):
+        memo[("literal", s)] = ids
+    return [t for s in segments for t in ([s] if isinstance(s, int) else memo.get(("literal", s), ()))]
 
 
 def item_pieces(tokenizer, item: dict) -> list[Piece]:

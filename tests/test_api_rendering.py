@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from reward_models import rendering
 from reward_models.scoring import TooLong, render_item
 from tests.api_helpers import error_code, post, results, score
 
@@ -79,8 +80,12 @@ def test_ordinary_content_renders_as_the_tokenizer_renders_it(template, tiny_tok
         messages = (item.get("messages") or
                     ([{"role": "user", "content": item["prompt"]}] if isinstance(item["prompt"], str) else item["prompt"])
                     + ([{"role": "assistant", "content": item["response"]}] if "response" in item else []))
-        whole = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        whole = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert render_item(tokenizer, item, None).input_ids == whole
+        # the path a content with special-token strings takes (split at the template's special tokens here,
+        # runs encoded as plain text) gives the same ids where there is nothing to forge
+        assert rendering._encode(rendering.vocab(tokenizer), [(text, True), ("", False)], {}) == whole
 
 
 @pytest.mark.parametrize("template", ["tiny", "chatml"])
