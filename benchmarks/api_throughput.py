@@ -8,6 +8,10 @@ Measures (each request = one demo-task item: a prompt and a reply, as PPO would 
 - the API (a real server subprocess, real HTTP on 127.0.0.1) under 1, 8 and 32 concurrent clients, with
   micro-batching, and the same server with batching off (``--max-batch-items 1``: one request at a time);
 and prints a table with API@32 / raw and API@32 / unbatched@32. Goal: >= 80% and >= 4x.
+- the protocol row (``--only protocol`` for just this): OpenRLHF's ``/get_reward`` against the native
+  ``/v1/score`` on the same server and the same texts (each item rendered once by the chat template, sent
+  as a ``text`` item / as a ``query``), alternating, best of ``--repeats``: 1 and 16 texts per request.
+  Goal: the adapter costs < 10% throughput.
 
 The load generator is a minimal keep-alive HTTP/1.1 client on asyncio, so the client costs as little
 CPU as possible: on a small machine it shares the cores with the server.
@@ -106,19 +110,28 @@ class Server:
         writer.close()
         return status
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (Linux), all its threads."""
+        try:
+            ticks = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self):
         self.proc.terminate()
         self.proc.wait(30)
         os.unlink(self.log.name)
 
 
-async def _client(host: str, port: int, bodies: list[bytes], stop_at: float, latencies: list, errors: list):
+async def _client(host: str, port: int, bodies: list[bytes], stop_at: float, latencies: list, errors: list,
+                  path: str = "/v1/score"):
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
     while time.perf_counter() < stop_at:
         body = bodies[i % len(bodies)]
         i += 1
-        head = (f"POST /v1/score HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         start = time.perf_counter()
         writer.write(head + body)
@@ -134,22 +147,26 @@ async def _client(host: str, port: int, bodies: list[bytes], stop_at: float, lat
     writer.close()
 
 
-def load(server: Server, items: list[dict], clients: int, seconds: float) -> dict:
-    bodies = [json.dumps({"items": [item]}).encode() for item in items]
+def load(server: Server, items: list[dict], clients: int, seconds: float, bodies: list[bytes] | None = None,
+         path: str = "/v1/score") -> dict:
+    bodies = bodies or [json.dumps({"items": [item]}).encode() for item in items]
 
     async def run(duration: float):
         latencies, errors = [], []
         stop_at = time.perf_counter() + duration
         start = time.perf_counter()
-        await asyncio.gather(*(_client(server.host, server.port, bodies[k::clients], stop_at, latencies, errors)
+        await asyncio.gather(*(_client(server.host, server.port, bodies[k::clients], stop_at, latencies, errors, path)
                                for k in range(clients)))
         return latencies, errors, time.perf_counter() - start
 
     asyncio.run(run(min(1.0, seconds / 4)))  # warm-up: connections, allocator, batch shapes
+    cpu = server.cpu_seconds()
     latencies, errors, elapsed = asyncio.run(run(seconds))
+    cpu = server.cpu_seconds() - cpu
     latencies.sort()
     return {"rps": len(latencies) / elapsed, "p50": 1000 * statistics.median(latencies),
-            "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": len(errors)}
+            "p99": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": len(errors),
+            "cpu_ms": 1000 * cpu / max(1, len(latencies))}  # the server's CPU per request: steadier than req/s
 
 
 def main(argv=None) -> None:
@@ -162,11 +179,46 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32, help="raw batch size (and the server's max batch items)")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--server-flags", default="", help="extra flags for the batched server")
+    p.add_argument("--only", choices=("all", "protocol"), default="all", help="protocol: just the protocol row")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of the protocol row (best kept)")
     args = p.parse_args(argv)
     if args.model:
         return run(args, args.model)
     with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
         return run(args, build_model(tmp, args.hidden_size, args.layers))
+
+
+def protocol_row(args, model: str, scorer, items: list[dict]) -> None:
+    """OpenRLHF's /get_reward against /v1/score: the same texts, the same server, alternating runs."""
+    texts = [scorer.tokenizer.apply_chat_template(item["prompt"] + [{"role": "assistant", "content": item["response"]}],
+                                                  tokenize=False) for item in items]
+    top = max(int(c) for c in args.clients.split(","))
+    best: dict = {}
+    server = Server(model, "--threads", str(args.threads), "--max-batch-items", str(args.batch), *args.server_flags.split())
+    try:
+        for per in (1, 16):
+            groups = [texts[i : i + per] for i in range(0, len(texts), per)]
+            bodies = {"/v1/score": [json.dumps({"items": [{"id": k, "text": t} for k, t in enumerate(g)]}).encode()
+                                    for g in groups],
+                      "/get_reward": [json.dumps({"query": g}).encode() for g in groups]}
+            for _ in range(args.repeats):
+                for path, b in bodies.items():
+                    r = load(server, items, top, args.seconds, b, path)
+                    if r["rps"] > best.get((path, per), {"rps": 0})["rps"]:
+                        best[path, per] = r
+    finally:
+        server.close()
+    print(f"\nprotocol row: {top} clients, best of {args.repeats} alternating runs of {args.seconds:.0f}s")
+    print(f"{'endpoint':<34}{'texts/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'CPU ms/text':>13}")
+    for per in (1, 16):
+        for path in ("/v1/score", "/get_reward"):
+            r = best[path, per]
+            print(f"{f'{path}, {per} per request':<34}{r['rps'] * per:>10.0f}{r['p50']:>10.1f}{r['p99']:>10.1f}"
+                  f"{r['errors']:>8}{r['cpu_ms'] / per:>13.2f}")
+        ratio = best["/get_reward", per]["rps"] / best["/v1/score", per]["rps"]
+        cpu = best["/get_reward", per]["cpu_ms"] / best["/v1/score", per]["cpu_ms"]
+        print(f"  OpenRLHF adapter / native, {per} per request: throughput {ratio:.1%} (goal: > 90%), "
+              f"server CPU per text {cpu:.1%}")
 
 
 def run(args, model: str) -> None:
@@ -177,6 +229,8 @@ def run(args, model: str) -> None:
     torch.set_num_threads(args.threads)
     items = demo_items(512)
     scorer = RewardScorer(model)
+    if args.only == "protocol":
+        return protocol_row(args, model, scorer, items)
     raw_before = raw_throughput(scorer, items, args.batch, args.seconds)
     raw_fifo = raw_throughput(scorer, items, args.batch, args.seconds / 2, by_length=False)
     raw1 = raw_throughput(scorer, items[:128], 1, args.seconds / 2)
@@ -208,6 +262,7 @@ def run(args, model: str) -> None:
     print(f"\nAPI@{top} / raw batched forward: {api / raw:.0%}   (goal >= 80%; vs unsorted batches {api / raw_fifo:.0%})")
     print(f"API@{top} / unbatched API@{top}:   {api / unbatched:.1f}x  (goal >= 4x; the raw forward itself gains "
           f"{raw / raw1:.1f}x from batching here)")
+    protocol_row(args, model, scorer, items)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,34 @@
-"""The reward-model scoring API: ``create_app(scorer, limits)`` (DESIGN: "Reward-model scoring API").
+"""The reward-model scoring API: ``create_app(scorer, limits)`` (docs/design.md, Scoring API; reference: docs/api.md).
 
 Status codes: 401 missing/wrong bearer key; 413 anything too big to take at once (body bytes, items per
 request, tokens per request: the client should split); 422 a request that is malformed (bad JSON, wrong
-types, unknown fields, no items) or, on the single-item endpoint /v1/compare, an input over the model's
-length; 429 queue full (with Retry-After); 503 model not loaded yet or the answer timed out. In /v1/score a
-bad *item* never fails the request: it gets its own ``error`` and the other items are scored.
+types, unknown fields, no items) or, on the single-answer endpoints (/v1/compare, the protocol
+adapters), an input over the model's length or a non-finite reward; 429 queue full (with Retry-After);
+503 model loading, server shutting down, or the answer timed out (with Retry-After). In /v1/score a bad
+*item* never fails the request: it gets its own ``error`` and the other items are scored.
 
-The per-item token limit is the scorer's ``max_length`` (``--max-length``): one number, so /v1/models
-reports it and truncation cuts to it. With a key set, everything except /healthz, /readyz and the docs
-needs it, /metrics included. No request text ever reaches a log line: logs carry ids, counts and timings.
-"""
+The per-item token limit is the scorer's ``max_length`` (``--max-length``, by default the length the RM
+was trained with): one number, so /v1/models reports it and truncation cuts to it. With a key set,
+everything except /healthz, /readyz and the docs needs it, /metrics included. No request text ever
+reaches a log line: logs carry ids, counts and timings."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import itertools
 import logging
 import math
-import os
-import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from .batching import MicroBatcher, QueueFull
+from . import protocols
+from .gate import Gate, Metrics, api_key_from_env, document_auth
 from .schemas import (
     ApiError,
     CompareRequest,
@@ -41,96 +40,24 @@ from .schemas import (
     describe,
 )
 from .scoring import TooLong
+from .service import Limits, Service, sigmoid
 
+__all__ = ["Limits", "create_app"]
 log = logging.getLogger("reward_models.api")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
-ENDPOINTS = frozenset({"/v1/score", "/v1/compare", "/v1/models", "/healthz", "/readyz", "/metrics"}) | OPEN_PATHS
-RENDER_INLINE_CHARS = 16_384  # bigger requests are tokenized in a thread so the event loop stays free
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 4 << 20  # 413
-    max_items: int = 256  # items per request, 413
-    max_total_tokens: int = 262_144  # rendered tokens per request, 413
-    max_batch_tokens: int = 8192  # padded tokens (items x longest) per forward
-    max_batch_items: int = 64
-    max_wait_ms: float = 2.0  # how long a lone item waits for company
-    wait_policy: str = "adaptive"  # or "always" (see reward_models.batching)
-    max_queue: int = 1024  # items waiting for the model; beyond: 429
-    request_timeout_s: float = 60.0  # then 503
-    api_key_env: str = "RLHF_API_KEY"  # the key is read from this variable, never from a flag
-
-    def __post_init__(self):
-        for name, value in asdict(self).items():
-            if name not in ("api_key_env", "wait_policy") and not value > 0:
-                raise ValueError(f"Limits.{name} must be positive, got {value}")
-        if self.wait_policy not in ("adaptive", "always"):
-            raise ValueError(f"Limits.wait_policy must be 'adaptive' or 'always', got {self.wait_policy!r}")
-        if self.max_items > self.max_queue:  # such a request could never be admitted: 429 forever
-            raise ValueError(f"max_items ({self.max_items}) must not exceed max_queue ({self.max_queue})")
+NON_FINITE = {"code": "non_finite_reward", "message": "the model's reward for this input is not a finite number"}
 
 
-# ---------------------------------------------------------------------------------------------
-# metrics: one registry per app, so several apps (tests, the benchmark) can live in one process
-
-
-class Metrics:
-    def __init__(self, depth):
-        r = self.registry = prom.CollectorRegistry()
-        seconds = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
-        self.requests = prom.Counter("rm_requests_total", "HTTP requests.", ["endpoint", "status"], registry=r)
-        self.latency = prom.Histogram("rm_request_duration_seconds", "Latency.", ["endpoint"], registry=r, buckets=seconds)
-        self.items = prom.Counter("rm_items_total", "Items answered, by outcome (scored or an error code).", ["outcome"],
-                                  registry=r)
-        self.tokens = prom.Counter("rm_tokens_total", "Tokens through the model, padding excluded.", registry=r)
-        self.padded = prom.Counter("rm_padded_tokens_total", "Tokens through the model, padding included.", registry=r)
-        self.batch_size = prom.Histogram("rm_batch_size", "Items per forward pass.", registry=r,
-                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.forward = prom.Histogram("rm_forward_duration_seconds", "Forward passes.", registry=r, buckets=seconds)
-        self.ready = prom.Gauge("rm_ready", "1 once the model is loaded and warm.", registry=r)
-        prom.Gauge("rm_queue_depth", "Items waiting for the model.", registry=r).set_function(depth)
-
-    def on_batch(self, n: int, padded: int, real: int, seconds: float) -> None:
-        self.batch_size.observe(n)
-        self.padded.inc(padded)
-        self.tokens.inc(real)
-        self.forward.observe(seconds)
-
-
-# ---------------------------------------------------------------------------------------------
-# the app
-
-
-class _State:
-    scorer = batcher = revision = failed = None
-
-    def ready(self):
-        if self.batcher is None:
-            raise ApiError(503, "not_ready", f"the model is {'failed' if self.failed else 'loading'}", {"Retry-After": "5"})
-        return self.scorer, self.batcher
-
-
-def _render_all(scorer, items: list[dict], truncate: bool) -> list:
-    """Each item's ``Rendered``, or the ``TooLong`` / ``ApiError`` that stands for it."""
-    out = []
-    for item in items:
-        try:
-            out.append(scorer.render(item, truncate))
-        except TooLong as exc:
-            out.append(exc)
-        except Exception as exc:  # e.g. a lone surrogate, or a chat template that refuses the roles given
-            out.append(ApiError(422, "render_failed", f"cannot render the item: {type(exc).__name__}: {exc}"))
-    return out
-
-
-def _result(item, rendered, reward, scorer) -> dict:
+def _result(item, rendered, reward, service: Service) -> dict:
     result = {"id": item.id, "reward": None, "normalized_reward": None, "tokens": None, "truncated": False, "error": None}
-    if reward is not None:
-        result.update(reward=reward, normalized_reward=scorer.normalise(reward), tokens=rendered.n_tokens,
+    if reward is not None and not math.isfinite(reward):  # JSON has no NaN: say so instead of breaking the body
+        result.update(tokens=rendered.n_tokens, truncated=rendered.truncated, error=NON_FINITE)
+    elif reward is not None:
+        result.update(reward=reward, normalized_reward=service.normalize(reward), tokens=rendered.n_tokens,
                       truncated=rendered.truncated)
     elif isinstance(rendered, TooLong):
-        result.update(tokens=rendered.n_tokens, error={"code": "too_long", "message": str(rendered)})
+        result["error"] = {"code": "too_long", "message": str(rendered)}
     elif isinstance(rendered, ApiError):
         result["error"] = {"code": rendered.code, "message": rendered.message}
     else:
@@ -138,52 +65,41 @@ def _result(item, rendered, reward, scorer) -> dict:
     return result
 
 
-def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> FastAPI:
+def create_app(scorer, limits: Limits | None = None, on_load_failure=None, openrlhf_reward: str = "normalized") -> FastAPI:
     """``scorer``: a loaded ``RewardScorer``, or a no-argument callable that loads one (the app then answers
-    /healthz at once, and /readyz once the model is loaded and warmed up by a forward pass)."""
+    /healthz at once, and /readyz once the model is loaded and warmed up by a forward pass).
+    ``openrlhf_reward``: what /get_reward answers, "normalized" or "raw" rewards (``reward_models.protocols``)."""
     limits = limits or Limits()
-    api_key = os.environ.get(limits.api_key_env) or None
-    state = _State()
-    metrics = Metrics(lambda: state.batcher.depth if state.batcher else 0)
+    api_key = api_key_from_env(limits.api_key_env)
+    metrics = Metrics(lambda: service.batcher.depth if service.batcher else 0)
+    service = Service(limits, metrics)
 
     async def load():
         try:
-            loaded = scorer if hasattr(scorer, "score_ids") else await asyncio.to_thread(scorer)
-            batcher = MicroBatcher(loaded.score_ids, max_batch_tokens=limits.max_batch_tokens,
-                                   max_batch_items=limits.max_batch_items, max_wait_s=limits.max_wait_ms / 1000,
-                                   max_queue=limits.max_queue, wait_policy=limits.wait_policy, on_batch=metrics.on_batch)
-            await batcher.start()
-            warm = loaded.render({"text": "warm-up"}).input_ids
-            await asyncio.gather(*batcher.submit([warm]))
-            overhead = await batcher.calibrate(warm, loaded.max_length)
+            await service.load(scorer)
         except Exception as exc:
-            state.failed = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", state.failed)
+            service.failed = f"{type(exc).__name__}: {exc}"
+            log.error("model load failed: %s", service.failed)
             if on_load_failure is not None:
                 on_load_failure()
-            return
-        state.scorer, state.revision, state.batcher = loaded, loaded.revision, batcher
-        metrics.ready.set(1)
-        log.info("model ready: revision %s, max_length %d; a forward pass costs as much as %s padded tokens",
-                 loaded.revision, loaded.max_length, f"{overhead:.0f}" if overhead else "no")
 
     @asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(load())
         yield
         task.cancel()
-        if state.batcher is not None:
-            batcher, state.batcher = state.batcher, None  # draining: /readyz answers 503 from here on
-            await batcher.close()
+        await service.close()
 
     app = FastAPI(title="Reward-model scoring API", version="1", lifespan=lifespan, description=__doc__.split("\n\n", 1)[1])
-    app.state.rm, app.state.metrics = state, metrics
+    app.state.rm, app.state.metrics = service, metrics
 
     def error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> Json:
-        return Json({"error": {"code": code, "message": message, **extra}, "model_revision": state.revision}, status,
+        return Json({"error": {"code": code, "message": message, **extra}, "model_revision": service.revision}, status,
                     headers=headers)
 
     def http_error(request, exc):  # FastAPI answers 400 to a body it cannot decode (e.g. not UTF-8): that is a 422
+        if isinstance(exc.__cause__, ClientDisconnect):  # or to a client gone before its body was complete
+            return error(499, "client_disconnected", "the client closed the connection")
         if exc.status_code == 400:
             return error(422, "invalid_request", "the body is not valid JSON (UTF-8)")
         code = "body_too_large" if exc.status_code == 413 else "http_error"
@@ -197,87 +113,69 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
 
-    async def render(scorer_, items: list[dict], truncate: bool) -> list:
-        chars = sum(len(str(v)) for item in items for v in item.values())
-        if chars <= RENDER_INLINE_CHARS:
-            return _render_all(scorer_, items, truncate)
-        return await asyncio.to_thread(_render_all, scorer_, items, truncate)
-
-    async def run_model(batcher: MicroBatcher, rendered: list) -> list[float]:
-        total = sum(len(r.input_ids) for r in rendered)
-        if total > limits.max_total_tokens:
-            raise ApiError(413, "too_many_tokens", f"the request has {total} tokens, over the limit of "
-                           f"{limits.max_total_tokens}; split it into smaller requests")
-        try:
-            futures = batcher.submit([r.input_ids for r in rendered])
-        except QueueFull as exc:
-            raise ApiError(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after)}) from None
-        try:
-            return await asyncio.wait_for(asyncio.gather(*futures), limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(503, "timeout", "timed out waiting for the model", {"Retry-After": "1"}) from None
-
     @app.post("/v1/score", response_model=ScoreResponse, responses={413: {}, 422: {}, 429: {}, 503: {}})
     async def score(body: ScoreRequest, request: Request):
-        """Score items; each gets a reward, a normalised reward and its token count, or its own error."""
+        """Score items; each gets a reward, a normalized reward and the tokens the model read, or its own error."""
         request.state.items = len(body.items)
         if len(body.items) > limits.max_items:
             raise ApiError(413, "too_many_items", f"{len(body.items)} items, over the limit of {limits.max_items}")
-        scorer_, batcher = state.ready()
+        service.ready()
         valid = [i for i, item in enumerate(body.items) if not isinstance(item, InvalidItem)]
-        rendered = dict(zip(valid, await render(scorer_, [body.items[i].model_dump(exclude={"id"}) for i in valid],
-                                                body.truncate)))
+        rendered = dict(zip(valid, await service.render([body.items[i].model_dump(exclude={"id"}) for i in valid],
+                                                        body.truncate)))
         ok = [i for i in valid if hasattr(rendered[i], "input_ids")]
-        rewards = dict(zip(ok, await run_model(batcher, [rendered[i] for i in ok]))) if ok else {}
-        results = [_result(item, rendered.get(i), rewards.get(i), scorer_) for i, item in enumerate(body.items)]
+        rewards = dict(zip(ok, await service.run([rendered[i] for i in ok], request))) if ok else {}
+        results = [_result(item, rendered.get(i), rewards.get(i), service) for i, item in enumerate(body.items)]
         for r in results:
             metrics.items.labels(r["error"]["code"] if r["error"] else "scored").inc()
-        return Json({"model_revision": state.revision, "results": results})
+        return Json({"model_revision": service.revision, "results": results})
 
     @app.post("/v1/compare", response_model=CompareResponse, responses={413: {}, 422: {}, 429: {}, 503: {}})
     async def compare(body: CompareRequest, request: Request):
         """Score two responses to one prompt: margin = r(chosen) - r(rejected), p_chosen = sigmoid(margin)."""
         request.state.items = 2
-        scorer_, batcher = state.ready()
+        service.ready()
 
         def turns(x, role):
             return [{"role": role, "content": x}] if isinstance(x, str) else [m.model_dump() for m in x]
 
         items = [{"messages": turns(body.prompt, "user") + turns(side, "assistant")} for side in (body.chosen, body.rejected)]
-        rendered = await render(scorer_, items, body.truncate)
+        rendered = await service.render(items, body.truncate)
         for name, r in zip(("chosen", "rejected"), rendered):
             if not hasattr(r, "input_ids"):  # a single answer: its problem is the request's
                 raise ApiError(422, "too_long" if isinstance(r, TooLong) else r.code, f"{name}: {getattr(r, 'message', r)}")
-        rewards = await run_model(batcher, rendered)
+        rewards = await service.run(rendered, request)
+        if not all(map(math.isfinite, rewards)):
+            raise ApiError(422, NON_FINITE["code"], NON_FINITE["message"])
         metrics.items.labels("scored").inc(2)
         margin = rewards[0] - rewards[1]
-        sides = {name: {"reward": reward, "normalized_reward": scorer_.normalise(reward), "tokens": r.n_tokens,
+        sides = {name: {"reward": reward, "normalized_reward": service.normalize(reward), "tokens": r.n_tokens,
                         "truncated": r.truncated} for name, reward, r in zip(("chosen", "rejected"), rewards, rendered)}
-        p_chosen = 1 / (1 + math.exp(-margin)) if margin >= 0 else math.exp(margin) / (1 + math.exp(margin))
-        return Json({"model_revision": state.revision, **sides, "margin": margin, "p_chosen": p_chosen})
+        return Json({"model_revision": service.revision, **sides, "margin": margin, "p_chosen": sigmoid(margin)})
 
     @app.get("/v1/models")
     async def models():
-        """The served model (revision hash, max length, normalisation statistics) and the limits."""
-        scorer_, _ = state.ready()
+        """The served model (revision hash, max length, normalization statistics) and the limits."""
+        scorer_, _ = service.ready()
         info = scorer_.info()
-        model = {k: v for k, v in info.items() if k != "path"}  # the server's file layout stays private
-        model["id"] = os.path.basename(os.path.normpath(info.get("path") or "reward-model"))
+        model = {k: v for k, v in info.items() if k != "path"} | {"id": service.model_id()}
         shown = {k: v for k, v in asdict(limits).items() if k != "api_key_env"}
-        return Json({"model_revision": state.revision, "models": [model], "auth": api_key is not None,
+        return Json({"model_revision": service.revision, "models": [model], "auth": api_key is not None,
                      "limits": {**shown, "max_item_tokens": scorer_.max_length}})
 
     @app.get("/healthz")
     async def healthz():
         """The process is alive (the model may still be loading)."""
-        return Json({"status": "ok", "model_revision": state.revision})
+        return Json({"status": "ok", "model_revision": service.revision})
 
     @app.get("/readyz", responses={503: {}})
     async def readyz():
-        """200 once the model is loaded and warmed up by a forward pass; 503 before, or if loading failed."""
-        if state.batcher is not None:
-            return Json({"status": "ready", "model_revision": state.revision})
-        failed = {"status": "failed", "error": state.failed} if state.failed else {"status": "loading"}
+        """200 once the model is loaded and warmed up by a forward pass; 503 before, if loading failed, or draining."""
+        if service.draining:  # SIGTERM: a load balancer takes this replica out while it finishes its work
+            return Json({"status": "draining", "model_revision": service.revision}, 503)
+        if service.batcher is not None:
+            return Json({"status": "ready", "model_revision": service.revision})
+        failed = {"status": "failed", "error": service.failed} if service.failed else {"status": "loading"}
         return Json({**failed, "model_revision": None}, 503)
 
     @app.get("/metrics", response_class=Response)
@@ -285,94 +183,7 @@ def create_app(scorer, limits: Limits | None = None, on_load_failure=None) -> Fa
         """Prometheus text format."""
         return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
 
-    _document_auth(app)
-    app.add_middleware(Gate, state=state, metrics=metrics, limits=limits, api_key=api_key)
+    app.include_router(protocols.router(service, openrlhf_reward))
+    document_auth(app, api_key is not None)
+    app.add_middleware(Gate, state=service, metrics=metrics, limits=limits, api_key=api_key)
     return app
-
-
-def _document_auth(app: FastAPI) -> None:
-    """Auth is enforced by ``Gate`` (before any body is read); this only shows it in the OpenAPI schema."""
-    def openapi():
-        if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, ops in schema["paths"].items():
-                for op in ops.values() if path not in OPEN_PATHS else ():
-                    op["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-    app.openapi = openapi
-
-
-class _TooLarge(HTTPException):
-    """Raised while reading the body; an HTTPException so FastAPI passes it on instead of answering 400."""
-
-
-class Gate:
-    """Pure ASGI middleware, outermost: auth, the body-size limit, the revision and request-id headers,
-    metrics, the one log line per request, and a JSON 500 for anything unexpected. Auth and size are checked
-    before the body is read, so an unauthenticated or oversized request costs the server nothing."""
-
-    def __init__(self, app, state: _State, metrics: Metrics, limits: Limits, api_key: str | None):
-        self.app, self.state, self.metrics, self.limits = app, state, metrics, limits
-        self.api_key = api_key.encode() if api_key else None
-        self.prefix, self.counter = f"{os.getpid():x}{int(time.time()) & 0xffff:04x}", itertools.count(1)
-
-    def _reject(self, status: int, code: str, message: str, headers: dict | None = None) -> Json:
-        return Json({"error": {"code": code, "message": message}, "model_revision": self.state.revision}, status,
-                    headers=headers)
-
-    def _check(self, path: str, headers: dict) -> Json | None:
-        if self.api_key is not None and path not in OPEN_PATHS:
-            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                return self._reject(401, "unauthorized", "a valid bearer token is required",
-                                    {"WWW-Authenticate": 'Bearer realm="reward-model"'})
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            return self._reject(400, "bad_request", "bad Content-Length")
-        if int(length) > self.limits.max_body_bytes:
-            return self._reject(413, "body_too_large", f"the body is over the limit of {self.limits.max_body_bytes} bytes")
-        return None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, path, headers = time.perf_counter(), scope["path"], dict(scope["headers"])
-        endpoint = path if path in ENDPOINTS else "other"
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not (0 < len(request_id) <= 64 and request_id.replace("-", "").replace("_", "").isalnum()):
-            request_id = f"{self.prefix}-{next(self.counter):x}"  # never echo an arbitrary client string into logs
-        status, received = [0], [0]
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                extra = [(b"x-request-id", request_id.encode())]
-                extra += [(b"x-model-revision", self.state.revision.encode())] if self.state.revision else []
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        async def receive_limited():  # a body without Content-Length (chunked) is counted as it arrives
-            message = await receive()
-            received[0] += len(message.get("body", b""))
-            if received[0] > self.limits.max_body_bytes:
-                raise _TooLarge(413, f"the body is over the limit of {self.limits.max_body_bytes} bytes")
-            return message
-
-        try:
-            rejection = self._check(path, headers)
-            await (rejection or self.app)(scope, receive if rejection else receive_limited, send_wrapped)
-        except Exception as exc:  # the type only: a message could quote request text
-            log.error("request %s %s failed: %s", request_id, endpoint, type(exc).__name__)
-            if not status[0]:
-                await self._reject(500, "internal_error", "internal error")(scope, receive, send_wrapped)
-        finally:
-            seconds = time.perf_counter() - start
-            self.metrics.requests.labels(endpoint, str(status[0] or 500)).inc()
-            self.metrics.latency.labels(endpoint).observe(seconds)
-            if endpoint not in ("/metrics", "/healthz", "/readyz"):
-                items = scope.get("state", {}).get("items", "-")
-                log.info("%s %s %s %d items=%s %.1fms", request_id, scope["method"], endpoint, status[0] or 500, items,
-                         seconds * 1000)

@@ -15,6 +15,8 @@ Policy, and why:
   budget (items x longest item) and an item cap, where the padding a cut saves outweighs the cost of
   one more forward pass (``plan_batches``; the cost of a pass is measured at warm-up: ``calibrate``).
   Taking the whole queue per round keeps it FIFO between rounds: a long item is never starved.
+- An item whose request is gone (client disconnected, timed out, server shutting down) is dropped from
+  the queue at once (``discard``) and never computed, even when its round has already begun.
 - Forwards run in one dedicated thread: the event loop keeps serving HTTP meanwhile, and a single thread
   means one forward at a time on the device. Futures are resolved back on the event loop.
 """
@@ -96,6 +98,7 @@ class _Pending:
     ids: list[int]
     future: asyncio.Future
     enqueued: float
+    waiting: bool = True  # counted in the queue bound until handed to the model or dropped
 
 
 class MicroBatcher:
@@ -172,6 +175,30 @@ class MicroBatcher:
             self.overhead_tokens = pass_overhead((len(short), 8 * len(long)), (seconds[0], seconds[1]))
         return self.overhead_tokens
 
+    def _leave(self, pending: _Pending) -> None:
+        if pending.waiting:
+            pending.waiting = False
+            self._waiting -= 1
+
+    def discard(self, futures: list[asyncio.Future]) -> int:
+        """Cancel futures nobody waits for any more (a client that went away, a timeout, a shutdown) and free
+        their room in the queue at once; returns how many of them had not been computed."""
+        targets = set(futures)
+        pending = sum(not f.done() for f in futures)
+        for f in futures:
+            f.cancel()
+        for p in [*self._queue, *self._round]:
+            if p.future in targets:
+                self._leave(p)
+        self._queue = deque(p for p in self._queue if p.waiting)
+        return pending
+
+    def flush(self) -> None:
+        """Stop waiting for company (no more is coming: the server is shutting down)."""
+        self.max_wait_s = 0.0
+        if self._arrived is not None:
+            self._arrived.set()
+
     def submit(self, sequences: list[list[int]]) -> list[asyncio.Future]:
         """Queue token sequences; returns one future per sequence (its raw reward). Raises ``QueueFull``."""
         if self._worker is None or self._worker.done():
@@ -197,19 +224,21 @@ class MicroBatcher:
         return n >= self.max_batch_items or n * max(len(p.ids) for p in self._queue) >= self.max_batch_tokens
 
     async def _collect(self) -> list[_Pending]:
-        while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = self._queue[0].enqueued + self.max_wait_s
-        worth_it = self.wait_policy == "always" or self._gap < self.max_wait_s
-        while worth_it and not self._full():
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            worth_it = self.wait_policy == "always" or self._gap < self.max_wait_s
+            while worth_it and self._queue and not self._full():
+                timeout = self._queue[0].enqueued + self.max_wait_s - time.monotonic()  # flush() may end it early
+                if timeout <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), timeout)
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    break
+            if self._queue:  # else every waiting item was discarded while we waited for company
                 break
         taken = list(self._queue)
         self._queue.clear()
@@ -219,14 +248,19 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             taken = await self._collect()
-            live = self._round = [p for p in taken if not p.future.done()]  # a timed-out request's need no forward
-            self._waiting -= len(taken) - len(live)
+            for p in taken:
+                if p.future.done():  # cancelled by its request: no forward
+                    self._leave(p)
+            live = self._round = [p for p in taken if p.waiting]
             plan = plan_batches([len(p.ids) for p in live], self.max_batch_tokens, self.max_batch_items,
                                 self.overhead_tokens)
             for batch_idx in plan:
-                batch = [live[i] for i in batch_idx]
-                self._waiting -= len(batch)
-                await self._forward(loop, batch)
+                batch = [live[i] for i in batch_idx if not live[i].future.done()]  # abandoned since the round began
+                for p in (live[i] for i in batch_idx):
+                    self._leave(p)
+                if batch:
+                    await self._forward(loop, batch)
+            self._round = []
 
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         sequences = [p.ids for p in batch]

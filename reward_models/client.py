@@ -1,6 +1,7 @@
 """A Python client for the scoring API, and a reward function that PPO can use instead of a local model.
 
     client = RewardClient("http://127.0.0.1:8000")          # the key: api_key=... or $RLHF_API_KEY
+    client = RewardClient(["http://10.0.0.1:8000", "http://10.0.0.2:8000"])  # replicas: spread, failover
     client.score([{"id": 0, "prompt": "Hi", "response": "Hello!"}])
     reward_fn = RemoteRewardFunction(client)                 # (prompts, responses) -> list[float]
 
@@ -11,6 +12,7 @@ the caller's mistake and raise ``RewardAPIError`` at once, with the server's err
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -42,17 +44,30 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class RewardClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.5, max_backoff: float = 30.0, api_key_env: str = "RLHF_API_KEY"):
-        self.base_url = base_url.rstrip("/")
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        key = api_key if api_key is not None else os.environ.get(api_key_env)
+    """``base_url``: one server, or a list of replicas. With several, requests go round-robin, and one that
+    fails in a way worth retrying (unreachable, 429, 5xx) goes on to the next replica at once; a replica
+    that could not be reached is skipped for ``cooldown`` seconds. The backoff starts after every replica
+    has failed once, and ``retries`` counts such rounds."""
+
+    def __init__(self, base_url: str | list[str], api_key: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.5, max_backoff: float = 30.0, api_key_env: str = "RLHF_API_KEY",
+                 cooldown: float = 5.0):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("RewardClient needs at least one URL")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
+        self.retries, self.backoff, self.max_backoff, self.cooldown = retries, backoff, max_backoff, cooldown
+        key = (api_key if api_key is not None else os.environ.get(api_key_env, "")).strip()  # as the server does
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._http = [httpx.Client(base_url=u, headers=headers, timeout=timeout) for u in self.base_urls]
+        self._next = itertools.count()
+        self._down_until = [0.0] * len(self.base_urls)  # monotonic time until which a replica is skipped
         self.model_revision: str | None = None  # of the last answer: log it beside the rewards
 
     def close(self) -> None:
-        self._http.close()
+        for http in self._http:
+            http.close()
 
     def __enter__(self):
         return self
@@ -66,15 +81,23 @@ class RewardClient:
             return min(float(retry_after), self.max_backoff)
         return min(self.backoff * 2**attempt, self.max_backoff) * random.uniform(0.5, 1.0)
 
+    def _order(self) -> list[int]:
+        """This request's replicas: round-robin from the next one, those recently unreachable last."""
+        n, start, now = len(self._http), next(self._next), time.monotonic()
+        order = [(start + k) % n for k in range(n)]
+        return sorted(order, key=lambda i: self._down_until[i] > now)
+
     def request(self, method: str, path: str, json: dict | None = None) -> dict:
-        """One API call with retries; returns the JSON body of a 2xx answer."""
+        """One API call with retries (and failover across replicas); returns the JSON body of a 2xx answer."""
         for attempt in range(self.retries + 1):
-            response, failure = None, None
-            try:
-                response = self._http.request(method, path, json=json)
-            except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
-                failure = f"{type(exc).__name__}: {exc or 'no detail'}"
-            if response is not None:
+            for i in self._order():
+                response, failure = None, None
+                try:
+                    response = self._http[i].request(method, path, json=json)
+                except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
+                    failure = f"{self.base_urls[i]}: {type(exc).__name__}: {exc or 'no detail'}"
+                    self._down_until[i] = time.monotonic() + self.cooldown
+                    continue
                 revision = response.headers.get("X-Model-Revision")
                 self.model_revision = revision or self.model_revision
                 if response.status_code < 300:
@@ -83,10 +106,11 @@ class RewardClient:
                     code, message = self._error(response)
                     raise RewardAPIError(f"{method} {path}: {response.status_code} {code}: {message}",
                                          response.status_code, code)
-                failure = "{} {}: {}".format(response.status_code, *self._error(response))
+                failure = "{}: {} {}: {}".format(self.base_urls[i], response.status_code, *self._error(response))
             if attempt < self.retries:
                 time.sleep(self._delay(attempt, response))
-        raise RewardAPIUnavailable(f"{method} {self.base_url}{path} failed after {self.retries + 1} attempts: {failure}",
+        target = self.base_url if len(self.base_urls) == 1 else f"{len(self.base_urls)} replicas"
+        raise RewardAPIUnavailable(f"{method} {path} on {target} failed after {self.retries + 1} attempts: {failure}",
                                    response.status_code if response is not None else None,
                                    self._error(response)[0] if response is not None else None)
 
@@ -117,17 +141,20 @@ class RewardClient:
         return self.request("GET", "/v1/models")
 
     def ready(self) -> bool:
-        """Whether the model is loaded and warm (no retries: this is what you poll)."""
-        try:
-            return self._http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
+        """Whether a replica has the model loaded and warm (no retries: this is what you poll)."""
+        for http in self._http:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+        return False
 
     def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
-                raise RewardAPIUnavailable(f"{self.base_url} not ready after {timeout:.0f}s")
+                raise RewardAPIUnavailable(f"{', '.join(self.base_urls)} not ready after {timeout:.0f}s")
             time.sleep(interval)
 
 
@@ -135,7 +162,7 @@ class RemoteRewardFunction:
     """``(prompts, responses) -> rewards`` through the API, for the PPO stage instead of a local model.
 
     ``prompts``: one per response, each a list of messages (or a string); ``responses``: the generated
-    texts. Rewards are normalised with the RM's training statistics unless ``normalized=False``. An item
+    texts. Rewards are normalized with the RM's training statistics unless ``normalized=False``. An item
     error (e.g. over the model's length) raises ``RewardItemError`` naming the item, unless
     ``truncate=True`` asks the server to cut over-length inputs from the left.
     """

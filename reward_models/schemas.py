@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic as pd
 from fastapi.responses import JSONResponse
@@ -16,9 +16,14 @@ Id = Annotated[str, Field(max_length=256)] | StrictInt
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
+# a fixed set: templates build their turn markers from the role (tiny: '<|' + role + '|>'), so a free-form
+# role such as "end" or "system|><|assistant" could forge special tokens
+ROLES = ("system", "user", "assistant", "tool")
+
+
 class Message(BaseModel):
     model_config = STRICT
-    role: Annotated[str, Field(min_length=1, max_length=64)]
+    role: Literal[ROLES]
     content: str
 
 

@@ -136,7 +136,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
         scorer = RewardScorer(out, device=str(trainer.model.device), max_length=training_args.max_length)
         sample = train_rows[: script_args.stats_max_pairs]
         mean, std = reward_statistics(scorer, sample)
-        save_reward_stats(out, mean, std)
+        save_reward_stats(out, mean, std, max_length=training_args.max_length)
         metrics.update({"reward_mean": mean, "reward_std": std})
         if held_out:
             report = evaluate_pairs(RewardScorer(out, device=str(trainer.model.device), max_length=training_args.max_length),

@@ -95,7 +95,7 @@ def tiny_reward_model(_isolated_environment, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("tiny_rm"))
     AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    save_reward_stats(out, 0.5, 2.0)
+    save_reward_stats(out, 0.5, 2.0, max_length=384)  # as if trained with max_length=384
     return out
 
 
@@ -153,6 +153,13 @@ API_SERVERS = {
     # one is held is refused with 429, deterministically
     "queue": (("--max-queue", "1", "--max-items", "1", "--max-batch-items", "8", "--wait-policy", "always",
                "--max-wait-ms", "1500"), {}),
+    # a batcher that holds items 3 s waiting for company, with room for 4096 of them in one batch: what a
+    # client abandons within those 3 s is, deterministically, still queued
+    # connection limits small enough to hit: 1 s to send headers / a body / the next request, 6 connections
+    "conn": (("--timeout-header", "1", "--timeout-body", "1", "--timeout-keep-alive", "1", "--limit-concurrency", "6"),
+             {}),
+    "hold": (("--wait-policy", "always", "--max-wait-ms", "3000", "--max-batch-items", "4096", "--max-batch-tokens",
+              "4000000", "--max-queue", "4096"), {}),
 }
 
 
@@ -161,6 +168,9 @@ def api_servers(tiny_reward_model, tmp_path_factory):
     servers = {name: LiveServer(tiny_reward_model, tmp_path_factory.mktemp(f"server_{name}") / "server.log", *flags,
                                 env=env) for name, (flags, env) in API_SERVERS.items()}
     yield servers
+    for server in servers.values():  # all at once: each drains (briefly) on SIGTERM
+        if server.proc.poll() is None:
+            server.proc.terminate()
     for server in servers.values():
         server.stop()
 
@@ -178,3 +188,13 @@ def auth_reward_server(api_servers) -> LiveServer:
 @pytest.fixture(scope="session")
 def queue_reward_server(api_servers) -> LiveServer:
     return api_servers["queue"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def hold_reward_server(api_servers) -> LiveServer:
+    return api_servers["hold"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def conn_reward_server(api_servers) -> LiveServer:
+    return api_servers["conn"].wait_ready()

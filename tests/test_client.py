@@ -123,9 +123,16 @@ def test_gives_up_on_429_and_times_out(queue_reward_server):
     wait_until_idle(server)
     with pytest.raises(RewardAPIUnavailable, match="ReadTimeout"):
         RewardClient(server.url, timeout=0.3, retries=0).score([{"id": 0, "text": "held 1.5 s"}])
-    # the abandoned item is still queued: the next request is refused, and with no retries that is final
-    with pytest.raises(RewardAPIUnavailable, match="429") as full:
+    # the abandoned item left the queue with its client: the next request is taken
+    assert RewardClient(server.url, retries=0).score([{"id": 1, "text": "x"}])[0]["error"] is None
+    holder = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/score", timeout=30,
+                                                       json={"items": [{"id": 0, "text": "first"}]}))
+    holder.start()
+    while "rm_queue_depth 1.0" not in httpx.get(f"{server.url}/metrics").text:
+        time.sleep(0.02)
+    with pytest.raises(RewardAPIUnavailable, match="429") as full:  # no retries: a 429 is final
         RewardClient(server.url, retries=0).score([{"id": 1, "text": "x"}])
+    holder.join()
     assert full.value.status == 429 and full.value.code == "queue_full"
 
 
