@@ -14,11 +14,12 @@ import statistics
 import time
 
 import torch
+from transformers import set_seed
 from trl import RewardTrainer
 
 from rlhf.config import RewardScriptArguments, format_config, resolved_config
 from rlhf.data.sources import resolve_stage_data
-from rlhf.distributed import process_state
+from rlhf.distributed import parallelism, process_state, whole_model_loading
 from rlhf.tracking import init_wandb, log_summary
 
 from .evaluation import calibration_plot, evaluate_pairs, print_report
@@ -100,6 +101,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
                      training_args.run_name or "reward", config, is_main) if "wandb" in (training_args.report_to or []) else None
     with state.main_process_first():
         train, held_out, _, report_lines = resolve_stage_data(script_args, "preference")
+    set_seed(training_args.seed)  # the new score head: the same start under DDP, ZeRO-2 and ZeRO-3
     model, tokenizer = load_reward_model(model_args.model_name_or_path, model_args.dtype, model_args.model_revision,
                                          training_args.trust_remote_code)
     train_rows, train_cut = tokenize_pairs(tokenizer, train, training_args.max_length, script_args.use_margin)
@@ -121,7 +123,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     )
     start = time.time()
     result = trainer.train()
-    metrics = {"train_loss": result.training_loss, "train_seconds": time.time() - start,
+    metrics = {**parallelism(trainer.accelerator), "train_loss": result.training_loss, "train_seconds": time.time() - start,
                "truncated_pairs": train_cut + eval_cut, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows)}
     out = training_args.output_dir
     if script_args.finetune == "lora":  # keep the adapter, and serve/score a standard merged model
@@ -133,14 +135,15 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
         trainer.save_model(out)
     state.wait_for_everyone()
     if is_main:
-        scorer = RewardScorer(out, device=str(trainer.model.device), max_length=training_args.max_length)
+        with whole_model_loading():  # this process alone scores: no ZeRO-3 partitioning
+            scorer = RewardScorer(out, device=str(state.device), max_length=training_args.max_length)
         sample = train_rows[: script_args.stats_max_pairs]
         mean, std = reward_statistics(scorer, sample)
         save_reward_stats(out, mean, std, max_length=training_args.max_length)
         metrics.update({"reward_mean": mean, "reward_std": std})
         if held_out:
-            report = evaluate_pairs(RewardScorer(out, device=str(trainer.model.device), max_length=training_args.max_length),
-                                    held_out)
+            scorer.mean, scorer.std = mean, std  # the statistics just stored
+            report = evaluate_pairs(scorer, held_out)
             metrics.update({f"eval/{k}": v for k, v in report["overall"].items()})
             print_report(report, title=f"held-out preference pairs ({len(held_out)})")
             calibration_plot(report["margins"], os.path.join(out, "calibration.png"))

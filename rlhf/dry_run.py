@@ -53,9 +53,8 @@ def check_data(args, kind: str) -> int:
 
 
 def check_stage(stage, argv: list[str], produced: set[str], world_size: int = 1) -> int:
-    extra = ["use_cpu=true"] if stage.name in ("sft", "reward") else []  # bf16 configs validate on a CPU-only machine
     try:
-        parsed = stage.parse(argv + extra)
+        parsed = stage.parse(argv)  # on a CPU-only machine bf16 configs validate too (stages.cpu_training_arguments)
     except (ValueError, SystemExit) as e:
         print(f"  config: PROBLEM: {e}")
         return 1

@@ -43,7 +43,8 @@ def ensure_pad_token(tokenizer, model=None) -> bool:
 def fit_to_tokenizer(model, tokenizer, label: str = "model") -> None:
     """Make ``model`` read ``tokenizer``'s ids: embeddings grown to hold an added pad token (never shrunk:
     checkpoints such as Qwen's ship more rows than their tokenizer has), pad ids in its configs."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3: the local shard is empty
     if tokenizer.pad_token_id >= rows:
         if len(tokenizer) - rows > 1:  # more than the pad token is missing: another tokenizer's model
             raise ValueError(f"{label} has {rows} token embeddings but the tokenizer has {len(tokenizer)} tokens: "

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from .config import SFTScriptArguments, format_config, resolved_config
 from .data.demo_task import demo_data_paths, gold_rewards
 from .data.sources import resolve_stage_data
-from .distributed import process_state
+from .distributed import parallelism, process_state, whole_model_loading
 from .evaluation import means, reply_figures
 from .generation import Sampling, generate_replies, stop_token_ids
 from .models import (
@@ -110,9 +110,10 @@ def _prompt(record: dict) -> list[dict]:
 def evaluate_gold(model_path: str, prompts: list[list[dict]], args: SFTScriptArguments, seed: int) -> dict:
     """Gold reward of a saved model on held-out demo prompts (loaded from disk, as a user would)."""
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, dtype="float32")
     sampling = Sampling(args.max_new_tokens, args.eval_temperature, stop_token_ids=stop_token_ids(tokenizer))
-    gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed)
+    with whole_model_loading():  # this process alone loads and samples: no ZeRO-3 partitioning or synced_gpus
+        model = load_causal_lm(model_path, dtype="float32")
+        gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed)
     figures = reply_figures(gens, {"gold_reward": gold_rewards})
     return {**means(figures), "n": len(prompts)}
 
@@ -134,7 +135,7 @@ def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:
 
     start = time.time()
     train_result = trainer.train()
-    metrics = {"train_loss": train_result.training_loss, "train_seconds": time.time() - start}
+    metrics = {**parallelism(trainer.accelerator), "train_loss": train_result.training_loss, "train_seconds": time.time() - start}
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if eval_losses:
         metrics["eval_loss"] = eval_losses[-1]

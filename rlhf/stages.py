@@ -34,13 +34,38 @@ class Stage:
         return [script, ModelConfig, SFTConfig if self.name == "sft" else RewardConfig]
 
     def parse(self, argv: list[str] | None = None) -> tuple:
+        import sys
+
         from .config import parse_stage_args
 
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if self.name != "ppo":  # TrainingArguments on a machine without a GPU
+            argv += cpu_training_arguments(argv)
         return tuple(parse_stage_args(self.config_types(), argv))
 
     def run(self, parsed: tuple) -> dict:
         module, _, function = self.runner.partition(":")
         return getattr(importlib.import_module(module), function)(*parsed)
+
+
+def cpu_training_arguments(argv: list[str]) -> list[str]:
+    """What TrainingArguments needs on a machine without a GPU, unless the user said otherwise: use_cpu (else
+    bf16 -- TRL's default -- is refused), and gloo under DeepSpeed (whose CPU runs otherwise see one process)."""
+    import torch
+
+    from .distributed import deepspeed_on_cpu, fsdp2_requested
+
+    if fsdp2_requested() and not torch.cuda.is_available():
+        raise ValueError("FSDP2 for the SFT and reward stages needs GPUs: accelerate 1.16 switches the HF Trainer to "
+                         "FSDP only for GPU device types, and on CPU it would silently run DDP. On CPU use DeepSpeed "
+                         "(configs/accelerate/zero3.yaml); PPO shards with FSDP2 on CPU too")
+    given = " ".join(argv)
+    extra = []
+    if not torch.cuda.is_available() and "use_cpu" not in given:
+        extra.append("use_cpu=true")
+    if deepspeed_on_cpu() and "ddp_backend" not in given:
+        extra.append("ddp_backend=gloo")
+    return extra
 
 
 STAGES: dict[str, Stage] = {

@@ -75,15 +75,25 @@ class PolicyOnly(nn.Module):
     def generation_model(self):
         return self.policy
 
+    def fsdp_roots(self):
+        return [self.policy]
+
     def policy_parameters(self):
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def critic_parameters(self):
         return []
 
-    def save(self, out: str, tokenizer) -> None:
-        self.policy.save_pretrained(out)
+    def save(self, out: str, tokenizer, state_dict: dict | None = None) -> None:
+        self.policy.save_pretrained(out, state_dict=_part(state_dict, "policy."))
         tokenizer.save_pretrained(out)
+
+
+def _part(state_dict: dict | None, prefix: str) -> dict | None:
+    """One sub-model's entries of the wrapper's full state dict (FSDP2 gathers the whole wrapper at once)."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 class SeparateActorCritic(nn.Module):
@@ -103,16 +113,19 @@ class SeparateActorCritic(nn.Module):
     def generation_model(self):
         return self.policy
 
+    def fsdp_roots(self):
+        return [self.policy, self.critic.base_model, self.critic.score]  # what forward calls
+
     def policy_parameters(self):
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def critic_parameters(self):
         return [p for p in self.critic.parameters() if p.requires_grad]
 
-    def save(self, out: str, tokenizer) -> None:
-        self.policy.save_pretrained(out)
+    def save(self, out: str, tokenizer, state_dict: dict | None = None) -> None:
+        self.policy.save_pretrained(out, state_dict=_part(state_dict, "policy."))
         tokenizer.save_pretrained(out)
-        self.critic.save_pretrained(os.path.join(out, "critic"))
+        self.critic.save_pretrained(os.path.join(out, "critic"), state_dict=_part(state_dict, "critic."))
         tokenizer.save_pretrained(os.path.join(out, "critic"))
 
 

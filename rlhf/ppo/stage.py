@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 from ..config import format_config, resolved_config
 from ..data.loading import load_records
 from ..data.sources import resolve_stage_data
-from ..distributed import global_means, process_state, unwrap_for_generation
+from ..distributed import (
+    compute_precision,
+    gathered,
+    global_means,
+    process_state,
+    sharding_summary,
+    unwrap_for_generation,
+    zero_stage,
+)
 from ..evaluation import means, reply_figures, sequence_kl
 from ..generation import generate_replies
 from ..models import ensure_pad_token, load_tokenizer, resolve_model_path
@@ -31,20 +39,38 @@ def evaluate_policy(trainer: PPOTrainer, records: list[dict]) -> dict:
     KL to the reference, reply length and EOS rate, at ``eval_temperature``. Prompts are split over
     processes and the figures averaged globally."""
     acc, cfg, tok = trainer.accelerator, trainer.cfg, trainer.tokenizer
-    records = records[acc.process_index :: acc.num_processes]
+    # the same number on every process: under ZeRO-3 and FSDP2 every forward is a collective
+    records = records[: len(records) - len(records) % acc.num_processes][acc.process_index :: acc.num_processes]
     mine, columns = [r["prompt"] for r in records], [r.get("columns", {}) for r in records]
     sampling = dataclasses.replace(trainer.sampling, temperature=cfg.eval_temperature)
-    with unwrap_for_generation(trainer.model, acc) as bare, acc.autocast():  # the training precision throughout
+    with unwrap_for_generation(trainer.model, acc) as bare, compute_precision(acc):  # the training precision throughout
         gens = generate_replies(bare.generation_model(), tok, mine, sampling, seed=cfg.seed + acc.process_index,
                                 max_prompt_length=cfg.max_prompt_length)
     unwrapped = acc.unwrap_model(trainer.model)
-    with acc.autocast():
+    with compute_precision(acc):
         kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok,
                          gens, cfg.eval_temperature, cfg.max_prompt_length, device=acc.device)
         sources = {"reward": trainer.reward_fn, **({"gold_reward": trainer.gold_fn} if trainer.gold_fn else {})}
         keys = sorted({k for c in columns for k in c})
         figures = reply_figures(gens, sources, kl, {k: [c.get(k) for c in columns] for k in keys})
     return global_means(acc, means(figures))
+
+
+def save_policy(trainer: PPOTrainer, tokenizer) -> None:
+    """The policy (and critic) as standard model directories; whole weights are gathered first when they are
+    sharded, a collective every process joins, and the main process writes."""
+    acc, out = trainer.accelerator, trainer.cfg.output_dir
+    model = acc.unwrap_model(trainer.model)
+    if trainer.fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if acc.is_main_process:
+            model.save(out, tokenizer, state_dict=full)
+        return
+    with gathered(trainer.model, acc):
+        if acc.is_main_process:
+            model.save(out, tokenizer)
 
 
 def load_prompts(cfg) -> tuple[list[dict], list[dict], list[str]]:
@@ -117,8 +143,11 @@ def run_ppo(cfg) -> dict:
     acc.wait_for_everyone()
     start = "resumed" if cfg.resume else "sft"  # a resumed run starts from its checkpoint, not from SFT
     summary = {**{f"{start}/{k}": v for k, v in before.items()}, **{f"ppo/{k}": v for k, v in after.items()}}
+    summary["parallelism"] = {"distributed_type": str(acc.distributed_type), "num_processes": acc.num_processes,
+                              "fsdp2": trainer.fsdp2, "zero_stage": zero_stage(acc),
+                              **sharding_summary(acc.unwrap_model(trainer.model))}
+    save_policy(trainer, tokenizer)
     if is_main:
-        acc.unwrap_model(trainer.model).save(cfg.output_dir, tokenizer)
         print_comparison(before, after, "resumed" if cfg.resume else "SFT")
         with open(os.path.join(cfg.output_dir, "ppo_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -14,12 +14,17 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Progress, latest_checkpoint, save_checkpoint
 from ..distributed import (
+    compute_precision,
+    fsdp2_requested,
     global_masked_mean_var,
     global_means,
     global_sum,
     global_sums,
     make_accelerator,
+    process_state,
+    shard_fsdp2,
     unwrap_for_generation,
+    zero_stage,
 )
 from ..generation import Sampling, decode_responses, encode_prompts, generate, stop_token_ids
 from ..tensors import seeded_generator
@@ -42,26 +47,44 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.cfg, self.tokenizer, self.prompts, self.ptx = cfg, tokenizer, prompts, ptx_examples
-        self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
+        state = process_state()  # first: it decides the process group and this process's device
+        if fsdp2_requested():  # every process loads whole weights and fully_shard keeps its shard; transformers'
+            # RAM-efficient loading would leave the other ranks on the meta device for accelerate to fill
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        sizes = cfg.derive(state.num_processes)
+        set_seed(cfg.seed + state.process_index)  # each process samples differently, reproducibly
+        # models before the Accelerator: under ZeRO-3 anything loaded after it is partitioned at load time, and
+        # the pad-token resize and the critic's head scaling need whole tensors; prepare() shards them after
+        model, ref = build_actor_critic(cfg, tokenizer)
+        self.reward_fn = make_reward_source(cfg, state.device)  # an in-process RM: a full copy per process
+        self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision,
+                                                  sizes.micro_batch_size, cfg.max_grad_norm)
         self.sizes = cfg.derive(acc.num_processes)
-        set_seed(cfg.seed, device_specific=True)  # each process samples differently, reproducibly
-        model, self.ref = build_actor_critic(cfg, tokenizer)
+        self.fsdp2 = fsdp2_requested()
+        if self.fsdp2 and cfg.save_steps:
+            raise ValueError("save_steps with FSDP2 is not supported yet (accelerate's save_state does not see a "
+                             "model sharded by torch's fully_shard); use DeepSpeed ZeRO-3 for resumable runs")
+        if self.fsdp2:  # torch's fully_shard: accelerate keeps the process group and collectives (see distributed.py)
+            if not hasattr(model, "fsdp_roots"):
+                raise ValueError(f"FSDP2 supports topology separate and the critic-free estimators, not {cfg.topology} "
+                                 "(its forward calls parts of the policy that FSDP2 would not gather); use DeepSpeed")
+            blocks = {n for m in model.fsdp_roots() for n in getattr(m, "_no_split_modules", None) or []}
+            blocks |= set(getattr(model.generation_model(), "_no_split_modules", None) or [])
+            model = shard_fsdp2(model.to(acc.device), blocks, model.fsdp_roots())
         groups = [{"params": model.policy_parameters(), "lr": cfg.learning_rate},
                   {"params": model.critic_parameters(), "lr": cfg.critic_learning_rate or cfg.learning_rate}]
         groups = [g for g in groups if g["params"]]  # no critic group for the critic-free estimators
         optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                      fused=acc.device.type in ("cpu", "cuda"))
+                                      fused=acc.device.type in ("cpu", "cuda") and not self.fsdp2)
         updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
         # stepped by hand on each real optimiser step: accelerate's prepared scheduler would step once per process
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        if self.ref is not None:
-            self.ref.to(acc.device)
+        self.model, self.optimizer = (model, optimizer) if self.fsdp2 else acc.prepare(model, optimizer)
+        self.ref = self.place_reference(ref)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.progress = Progress()
         for obj in (self.scheduler, self.kl_ctl, self.progress):
             acc.register_for_checkpointing(obj)
-        self.reward_fn = make_reward_source(cfg, acc.device)
         self.gold_fn = gold_source(cfg.dataset)
         self.sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                  stop_token_ids(tokenizer, cfg.stop_tokens))
@@ -82,7 +105,7 @@ class PPOTrainer:
             with timer("time/reference"):
                 ro.logprobs, ro.values, ro.ref_logprobs = self.logprobs_and_values(ro)
             # 2. Score: the reward sources read the decoded replies; no stop token costs a penalty
-            with timer("time/reward"), acc.autocast():  # an in-process RM scores in the policy's precision
+            with timer("time/reward"), compute_precision(acc):  # an in-process RM scores in the policy's precision
                 ro.raw_scores = self.score(ro, n)
             ro.scores = ro.raw_scores - cfg.missing_stop_penalty * (~ro.has_stop).float()
             mask = ro.response_mask.float()
@@ -134,7 +157,8 @@ class PPOTrainer:
                     means.add(self.micro_step(ro.select(micro), advantages[micro], returns[micro], norm,
                                               check_ratio=epoch == 0 and first == 0))
                     if self.accelerator.sync_gradients:
-                        means.add({"train/grad_norm": self.optimizer_step()})
+                        grad_norm = self.optimizer_step()
+                        means.add({} if grad_norm is None else {"train/grad_norm": grad_norm})
         return means.means()
 
     def micro_step(self, mb: Rollout, advantages, returns, norm: Normalizer, check_ratio: bool) -> dict:
@@ -199,7 +223,7 @@ class PPOTrainer:
         records = [r for r in records for _ in range(k)]
         prompts = [r["prompt"] for r in records]
         q_ids, q_mask, _ = encode_prompts(tok, prompts, self.cfg.max_prompt_length, acc.device)
-        with unwrap_for_generation(self.model, acc) as bare, acc.autocast():
+        with unwrap_for_generation(self.model, acc) as bare, compute_precision(acc):
             r_ids, r_mask, has_stop = generate(bare.generation_model(), q_ids, q_mask, self.sampling, tok.pad_token_id)
         groups = torch.arange(len(records), device=acc.device) // k
         return Rollout(q_ids, q_mask, r_ids, r_mask, has_stop, prompts, decode_responses(tok, r_ids, r_mask),
@@ -226,7 +250,7 @@ class PPOTrainer:
         for index in torch.arange(len(ro.prompts)).split(self.cfg.local_rollout_forward_batch_size):
             mb = ro.select(index)
             tensors = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, temperature)
-            with self.accelerator.autocast():
+            with compute_precision(self.accelerator):
                 logprobs, values, _ = forward_response(unwrapped, *tensors)
                 ref_logprobs, _, _ = forward_response(ref_fn, *tensors, with_values=False)
             parts.append((logprobs, values, ref_logprobs))
@@ -243,12 +267,28 @@ class PPOTrainer:
         shares = self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
         return Normalizer(max(tokens, 1.0) / shares, sequences / shares, float(self.cfg.max_new_tokens))
 
-    def optimizer_step(self) -> float:
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+    def place_reference(self, ref):
+        """The frozen reference: under DeepSpeed a DeepSpeed inference engine (after TRL), sharded like the
+        policy under ZeRO-3; else a full copy on this process's device (FSDP2 included: docs/design.md,
+        "Parallelism")."""
+        if ref is None:
+            return None
+        if zero_stage(self.accelerator):  # also below ZeRO-3: the engine gives it the policy's precision
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(ref, self.accelerator)
+        return ref.to(self.accelerator.device)
+
+    def optimizer_step(self) -> float | None:
+        """Clip, step, schedule. Under DeepSpeed the engine already stepped in ``backward`` (accelerate's
+        wrapper); the norm it reports is that step's. None when the engine has none yet."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        return grad_norm
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
+            grad_norm = grad_norm.full_tensor()
+        return None if grad_norm is None else float(grad_norm)
 
     def ptx_loss(self) -> torch.Tensor:
         """InstructGPT's PPO-ptx: next-token loss on demonstration assistant tokens, through the policy."""
