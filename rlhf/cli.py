@@ -25,6 +25,8 @@ COMMANDS = {
     "eval-rm": ("evaluate a reward model on preference pairs (accuracy, margins, calibration)",
                 "reward_models.evaluation:main"),
     "serve": ("reward-model scoring API over HTTP (same as scripts/serve_reward.py)", "reward_models.serve:main"),
+    "models": ("checkpoints: rlhf models import FILE.gguf --out DIR (a standard model directory)",
+               "rlhf.model_import:main"),
     "estimate-memory": ("memory per device for a model, stage and method (no weights downloaded)",
                         "rlhf.memory_command:main"),
 }

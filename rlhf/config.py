@@ -121,8 +121,9 @@ class PPOConfig(TrackingArguments, DataArguments):
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature (logprobs use the same)."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling; 1 = off."))
     top_k: int = field(default=0, metadata=_help("0 = off; 1 makes sampling deterministic (tests)."))
-    local_rollout_forward_batch_size: int = field(default=64, metadata=_help(
-        "Sequences per forward pass when scoring a rollout (logprobs, values): bounds the logits' memory."))
+    local_rollout_forward_batch_size: int | None = field(default=None, metadata=_help(
+        "Sequences per forward pass when scoring a rollout (logprobs, values); default: the update's micro-batch, "
+        "whose shapes give the same kernels, so even bf16 logprobs agree exactly with the update's."))
     stop_tokens: list[str] | None = field(default=None, metadata=_help("Tokens that end a reply; default: EOS."))
     missing_stop_penalty: float = field(default=1.0, metadata=_help("Subtracted from a reply with no stop token."))
     reward_normalization: bool = field(default=True, metadata=_help("Normalize RM scores by its stored mean/std."))
@@ -193,6 +194,7 @@ class PPOConfig(TrackingArguments, DataArguments):
     def __post_init__(self):
         _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
                              "reward_function", "rewards", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
+                             "local_rollout_forward_batch_size",
                              "attn_implementation"))
         if isinstance(self.report_to, str):  # `report_to: wandb` as in TrainingArguments
             self.report_to = [self.report_to]

@@ -14,13 +14,19 @@ PAD_TOKEN = "<|pad|>"  # added to tokenizers without a pad token distinct from E
 
 
 def resolve_model_path(name: str) -> str:
-    """``tiny:demo`` -> the built tiny model's directory; anything else (Hub id, path) unchanged."""
+    """``tiny:demo`` -> the built tiny model's directory; a GGUF file -> its converted directory
+    (``rlhf.model_import``); anything else (Hub id, path) unchanged."""
     if name == "tiny:demo":
         from .tiny_model import tiny_demo_path
 
         return tiny_demo_path()
     if name.startswith("tiny:"):
         raise ValueError(f"unknown tiny model {name!r}; the only built-in one is 'tiny:demo'")
+    from .model_import import resolve_gguf
+
+    converted = resolve_gguf(name)  # a .gguf file or gguf:<package>: a standard directory, made once
+    if converted is not None:
+        return converted
     return name
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from reward_models import rendering
 from reward_models.scoring import TooLong, render_item
+from rlhf.models import end_of_turn_token
 from tests.api_helpers import error_code, post, results, score
 
 CHATML = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -82,7 +83,11 @@ def test_ordinary_content_renders_as_the_tokenizer_renders_it(template, tiny_tok
                     + ([{"role": "assistant", "content": item["response"]}] if "response" in item else []))
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert render_item(tokenizer, item, None).input_ids == whole
+        # by design the reward is read at the end-of-turn token: a template's trailing newline is dropped
+        ends_turn = text.rstrip().endswith(end_of_turn_token(tokenizer))
+        read = tokenizer(text.rstrip() if ends_turn else text, add_special_tokens=False)["input_ids"]
+        assert render_item(tokenizer, item, None).input_ids == read
+        assert tokenizer.convert_ids_to_tokens(read[-1]) == end_of_turn_token(tokenizer) or not ends_turn
         # the path a content with special-token strings takes (split at the template's special tokens here,
         # runs encoded as plain text) gives the same ids where there is nothing to forge
         assert rendering._encode(rendering.vocab(tokenizer), [(text, True), ("", False)], {}) == whole

@@ -242,12 +242,13 @@ class PPOTrainer:
     @torch.no_grad()
     def logprobs_and_values(self, ro: Rollout):
         """Policy logprobs, values and reference logprobs, ``local_rollout_forward_batch_size`` sequences per
-        forward (the logits of a large vocabulary for the whole batch would not fit), all under the
-        training forward's precision."""
+        forward (the logits of a large vocabulary for the whole batch would not fit; by default the update's
+        micro-batch, so both passes run the same kernel shapes), under the training forward's precision."""
         unwrapped, temperature = self.accelerator.unwrap_model(self.model), self.cfg.temperature
         ref_fn = lambda *a: reference_logits(unwrapped, self.ref, *a)  # noqa: E731
         parts = []
-        for index in torch.arange(len(ro.prompts)).split(self.cfg.local_rollout_forward_batch_size):
+        for index in torch.arange(len(ro.prompts)).split(self.cfg.local_rollout_forward_batch_size
+                                                         or self.sizes.micro_batch_size):
             mb = ro.select(index)
             tensors = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, temperature)
             with compute_precision(self.accelerator):
