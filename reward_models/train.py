@@ -124,7 +124,11 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     start = time.time()
     result = trainer.train()
     metrics = {**parallelism(trainer.accelerator), "train_loss": result.training_loss, "train_seconds": time.time() - start,
-               "truncated_pairs": train_cut + eval_cut, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows)}
+               "truncated_pairs": train_cut + eval_cut, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+               # what the optimiser saw: max_steps may stop before the end of the data
+               "train_pairs_seen": min(len(train_rows) * max(1, int(training_args.num_train_epochs)),
+                                       trainer.state.global_step * training_args.per_device_train_batch_size
+                                       * training_args.gradient_accumulation_steps * trainer.accelerator.num_processes)}
     out = training_args.output_dir
     if script_args.finetune == "lora":  # keep the adapter, and serve/score a standard merged model
         trainer.save_model(os.path.join(out, "adapter"))

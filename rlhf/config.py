@@ -169,7 +169,10 @@ class PPOConfig(TrackingArguments, DataArguments):
     critic_learning_rate: float | None = field(default=None, metadata=_help("Default: learning_rate."))
     adam_eps: float = field(default=1e-5, metadata=_help("AdamW epsilon."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (of all trained parameters)."))
+    critic_max_grad_norm: float | None = field(default=None, metadata=_help(
+        "Clip the critic's gradients on their own to this norm (and the policy's to max_grad_norm); default: "
+        "one clip over both. Not under DeepSpeed, whose engine clips globally."))
     lr_scheduler_type: str = field(default="linear", metadata=_help("linear | cosine | constant.",
                                                                     choices=("linear", "cosine", "constant")))
     warmup_steps: int = field(default=0, metadata=_help("Optimiser steps of linear warm-up."))
@@ -194,7 +197,7 @@ class PPOConfig(TrackingArguments, DataArguments):
     def __post_init__(self):
         _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
                              "reward_function", "rewards", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
-                             "local_rollout_forward_batch_size",
+                             "local_rollout_forward_batch_size", "critic_max_grad_norm",
                              "attn_implementation"))
         if isinstance(self.report_to, str):  # `report_to: wandb` as in TrainingArguments
             self.report_to = [self.report_to]

@@ -70,3 +70,16 @@ def test_rollout_forwards_in_micro_batches_give_the_same_logprobs(tmp_path):
     parts = trainer.logprobs_and_values(ro)
     for a, b in zip(whole, parts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_critic_can_be_clipped_on_its_own(tmp_path):
+    trainer, before, metrics = one_step(tmp_path, critic_max_grad_norm=1e-8, learning_rate=1e-3)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    critic_ids = {id(p) for p in model.critic_parameters()}
+    params = list(trainer.model.parameters())
+    critic_change = max(float((a - b).abs().max()) for a, b in zip(params, before) if id(a) in critic_ids)
+    policy_change = max(float((a - b).abs().max()) for a, b in zip(params, before) if id(a) not in critic_ids)
+    assert metrics["train/critic_grad_norm"] > 1e-3 and metrics["train/grad_norm"] > 0  # both norms are logged
+    assert policy_change > 1e-4  # the policy took its step ...
+    # ... while AdamW's step on a gradient clipped to 1e-8 is that gradient over (|g| + eps 1e-5): tiny
+    assert critic_change < 0.01 * policy_change

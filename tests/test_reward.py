@@ -146,4 +146,7 @@ def test_lora_reward_model_is_saved_as_a_standard_model_plus_adapter(tmp_path):
                                "max_records=64", "eval_strategy=no", "report_to=none", "label_smoothing=0.1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((out / "reward_summary.json").read_text())
+    # 4 steps x the demo config's 32 pairs, fewer than the 3 epochs over the pairs would have seen
+    assert summary["train_pairs_seen"] == 4 * 32 < summary["train_pairs"] * 3
     assert RewardScorer(str(out), device="cpu").score([{"text": "hello"}])[0]["tokens"] > 1

@@ -60,6 +60,9 @@ class PPOTrainer:
         self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision,
                                                   sizes.micro_batch_size, cfg.max_grad_norm)
         self.sizes = cfg.derive(acc.num_processes)
+        if cfg.critic_max_grad_norm is not None and acc.state.deepspeed_plugin is not None:
+            raise ValueError("critic_max_grad_norm: DeepSpeed clips all gradients together (gradient_clipping in its "
+                             "config); unset it, or train without DeepSpeed")
         self.fsdp2 = fsdp2_requested()
         if self.fsdp2 and cfg.save_steps:
             raise ValueError("save_steps with FSDP2 is not supported yet (accelerate's save_state does not see a "
@@ -157,8 +160,7 @@ class PPOTrainer:
                     means.add(self.micro_step(ro.select(micro), advantages[micro], returns[micro], norm,
                                               check_ratio=epoch == 0 and first == 0))
                     if self.accelerator.sync_gradients:
-                        grad_norm = self.optimizer_step()
-                        means.add({} if grad_norm is None else {"train/grad_norm": grad_norm})
+                        means.add(self.optimizer_step())
         return means.means()
 
     def micro_step(self, mb: Rollout, advantages, returns, norm: Normalizer, check_ratio: bool) -> dict:
@@ -280,16 +282,22 @@ class PPOTrainer:
             return prepare_deepspeed(ref, self.accelerator)
         return ref.to(self.accelerator.device)
 
-    def optimizer_step(self) -> float | None:
-        """Clip, step, schedule. Under DeepSpeed the engine already stepped in ``backward`` (accelerate's
-        wrapper); the norm it reports is that step's. None when the engine has none yet."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+    def optimizer_step(self) -> dict:
+        """Clip, step, schedule; the gradient norms before clipping. Under DeepSpeed the engine already
+        stepped in ``backward`` (accelerate's wrapper) and its norm is that step's (none before the first)."""
+        acc, cfg = self.accelerator, self.cfg
+        model = acc.unwrap_model(self.model)
+        if cfg.critic_max_grad_norm is None or not model.critic_parameters():
+            norms = {"train/grad_norm": acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)}
+        else:  # the critic's large early gradients would otherwise shrink the policy's step
+            norms = {"train/grad_norm": acc.clip_grad_norm_(model.policy_parameters(), cfg.max_grad_norm),
+                     "train/critic_grad_norm": acc.clip_grad_norm_(model.critic_parameters(), cfg.critic_max_grad_norm)}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
-            grad_norm = grad_norm.full_tensor()
-        return None if grad_norm is None else float(grad_norm)
+        # FSDP2 reports a DTensor of the global norm
+        norms = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in norms.items()}
+        return {k: float(v) for k, v in norms.items() if v is not None}
 
     def ptx_loss(self) -> torch.Tensor:
         """InstructGPT's PPO-ptx: next-token loss on demonstration assistant tokens, through the policy."""
