@@ -44,7 +44,6 @@ PPOStopError = guards.PPOStopError  # re-exported: callers catch it from here
 class PPOTrainer:
     def __init__(self, cfg, prompts: list[list[dict]], tokenizer, ptx_examples: list | None = None):
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         self.cfg, self.tokenizer, self.prompts, self.ptx = cfg, tokenizer, prompts, ptx_examples
         state = process_state()  # first: it decides the process group and this process's device
@@ -57,37 +56,15 @@ class PPOTrainer:
         # the pad-token resize and the critic's head scaling need whole tensors; prepare() shards them after
         model, ref = build_actor_critic(cfg, tokenizer)
         self.reward_fn = make_reward_source(cfg, state.device)  # an in-process RM: a full copy per process
-        self.accelerator = acc = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision,
-                                                  sizes.micro_batch_size, cfg.max_grad_norm)
-        self.sizes = cfg.derive(acc.num_processes)
-        if cfg.critic_max_grad_norm is not None and acc.state.deepspeed_plugin is not None:
-            raise ValueError("critic_max_grad_norm: DeepSpeed clips all gradients together (gradient_clipping in its "
-                             "config); unset it, or train without DeepSpeed")
-        self.fsdp2 = fsdp2_requested()
-        if self.fsdp2 and cfg.save_steps:
-            raise ValueError("save_steps with FSDP2 is not supported yet (accelerate's save_state does not see a "
-                             "model sharded by torch's fully_shard); use DeepSpeed ZeRO-3 for resumable runs")
-        if self.fsdp2:  # torch's fully_shard: accelerate keeps the process group and collectives (see distributed.py)
-            if not hasattr(model, "fsdp_roots"):
-                raise ValueError(f"FSDP2 supports topology separate and the critic-free estimators, not {cfg.topology} "
-                                 "(its forward calls parts of the policy that FSDP2 would not gather); use DeepSpeed")
-            blocks = {n for m in model.fsdp_roots() for n in getattr(m, "_no_split_modules", None) or []}
-            blocks |= set(getattr(model.generation_model(), "_no_split_modules", None) or [])
-            model = shard_fsdp2(model.to(acc.device), blocks, model.fsdp_roots())
-        groups = [{"params": model.policy_parameters(), "lr": cfg.learning_rate},
-                  {"params": model.critic_parameters(), "lr": cfg.critic_learning_rate or cfg.learning_rate}]
-        groups = [g for g in groups if g["params"]]  # no critic group for the critic-free estimators
-        optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                      fused=acc.device.type in ("cpu", "cuda") and not self.fsdp2)
-        updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
-        # stepped by hand on each real optimiser step: accelerate's prepared scheduler would step once per process
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)
-        self.model, self.optimizer = (model, optimizer) if self.fsdp2 else acc.prepare(model, optimizer)
+        self.accelerator = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision,
+                                            sizes.micro_batch_size, cfg.max_grad_norm)
+        self.sizes = cfg.derive(self.accelerator.num_processes)
+        self.model, self.optimizer, self.scheduler = self.prepare(model)
         self.ref = self.place_reference(ref)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.progress = Progress()
         for obj in (self.scheduler, self.kl_ctl, self.progress):
-            acc.register_for_checkpointing(obj)
+            self.accelerator.register_for_checkpointing(obj)
         self.gold_fn = gold_source(cfg.dataset)
         self.sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                  stop_token_ids(tokenizer, cfg.stop_tokens))
@@ -269,6 +246,37 @@ class PPOTrainer:
         tokens, sequences = global_sums(self.accelerator, [minibatch_mask.sum(), minibatch_mask.shape[0]])
         shares = self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
         return Normalizer(max(tokens, 1.0) / shares, sequences / shares, float(self.cfg.max_new_tokens))
+
+    def prepare(self, model):
+        """(model, optimizer, scheduler) placed for the run: DDP or DeepSpeed through accelerate's prepare, or
+        FSDP2 through torch's fully_shard (docs/design.md, "Parallelism"); the optimizer over what is trained."""
+        from transformers import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
+        self.fsdp2 = fsdp2_requested()
+        if cfg.critic_max_grad_norm is not None and acc.state.deepspeed_plugin is not None:
+            raise ValueError("critic_max_grad_norm: DeepSpeed clips all gradients together (gradient_clipping in its "
+                             "config); unset it, or train without DeepSpeed")
+        if self.fsdp2:  # accelerate keeps the process group and the collectives (see distributed.py)
+            if cfg.save_steps:
+                raise ValueError("save_steps with FSDP2 is not supported yet (accelerate's save_state does not see a "
+                                 "model sharded by torch's fully_shard); use DeepSpeed ZeRO-3 for resumable runs")
+            if not hasattr(model, "fsdp_roots"):
+                raise ValueError(f"FSDP2 supports topology separate and the critic-free estimators, not {cfg.topology} "
+                                 "(its forward calls parts of the policy that FSDP2 would not gather); use DeepSpeed")
+            blocks = {n for m in [*model.fsdp_roots(), model.generation_model()]
+                      for n in getattr(m, "_no_split_modules", None) or []}
+            model = shard_fsdp2(model.to(acc.device), blocks, model.fsdp_roots())
+        groups = [{"params": model.policy_parameters(), "lr": cfg.learning_rate},
+                  {"params": model.critic_parameters(), "lr": cfg.critic_learning_rate or cfg.learning_rate}]
+        groups = [g for g in groups if g["params"]]  # no critic group for the critic-free estimators
+        optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=acc.device.type in ("cpu", "cuda") and not self.fsdp2)
+        updates = cfg.max_steps * cfg.ppo_epochs * cfg.num_minibatches
+        # stepped by hand on each real optimiser step: accelerate's prepared scheduler would step once per process
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, updates)
+        model, optimizer = (model, optimizer) if self.fsdp2 else acc.prepare(model, optimizer)
+        return model, optimizer, scheduler
 
     def place_reference(self, ref):
         """The frozen reference: under DeepSpeed a DeepSpeed inference engine (after TRL), sharded like the
