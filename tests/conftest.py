@@ -121,8 +121,14 @@ class LiveServer:
 
         import httpx
 
+        def ready() -> bool:
+            try:  # a server still importing or loading may hold the socket unanswered: not ready yet
+                return httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200
+            except httpx.TransportError:
+                return False
+
         deadline = time.monotonic() + timeout
-        while self.url is None or httpx.get(f"{self.url}/readyz").status_code != 200:
+        while self.url is None or not ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the server did not get ready:\n{self.logs()}")

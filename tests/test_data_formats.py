@@ -269,6 +269,12 @@ def test_kind_prompt_reduces_any_format_to_prompts(tmp_path):
     assert pairs == [{"prompt": [user("Hi there"), assistant("Hello! How can I help?"), user("Name a fruit.")]}]
 
 
+def test_prompt_columns_travel_with_the_prompt_and_stay_writable(tmp_path):
+    # a lone surrogate (a JSON "\ud800" escape) in a column would break every UTF-8 writer downstream
+    prompts, _ = load(tmp_path, [{"prompt": "q", "answer": "4", "level": 2, "source": "a\ud800b"}], kind="prompt")
+    assert prompts == [{"prompt": [user("q")], "columns": {"answer": "4", "level": 2, "source": "a\ufffdb"}}]
+
+
 @pytest.mark.parametrize("records, kind", [([{"messages": [user("q"), assistant("a")]}], "preference"),
                                            ([{"prompt": "q"}], "sft")])
 def test_kind_mismatch_is_a_clear_error(tmp_path, records, kind):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 
 from .formats import CONVERTERS, FORMATS, FieldError, detect_format
@@ -22,8 +23,13 @@ FORMAT_FIELDS = frozenset({"prompt", "completion", "response", "chosen", "reject
                            "conversation", "instruction", "input", "context", "output", "system", "history", "id"})
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _columns(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in FORMAT_FIELDS and isinstance(v, str | int | float | bool)}
+    columns = {k: v for k, v in record.items() if k not in FORMAT_FIELDS and isinstance(v, str | int | float | bool)}
+    # a JSON "\ud800" escape in a column cannot be written as UTF-8 (logs, W&B tables): U+FFFD stands in for it
+    return {k: _LONE_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for k, v in columns.items()}
 
 
 def load_records(
