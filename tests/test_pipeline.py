@@ -89,3 +89,47 @@ def test_demo_pipeline_writes_the_report_and_ranks_ppo_over_sft_over_base(demo_p
     runs = sorted(out.glob("*/wandb/offline-run-*/run-*.wandb"))
     assert [r.parts[-4] for r in runs] == ["ppo", "reward", "sft"]
     assert all(timings["wandb_group"].encode() in r.read_bytes() for r in runs)  # one group for the pipeline
+
+
+def pipeline_cli(config, out, *extra, timeout=300):
+    return run_cli(["-m", "rlhf", "pipeline", "--config", str(config), "--output-dir", str(out), *extra],
+                   env=OFFLINE, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
+def test_pipeline_refuses_a_non_empty_output_dir_and_stages_it_cannot_chain(tmp_path):
+    (tmp_path / "notes.txt").write_text("an earlier run")
+    demo = REPO / "configs" / "demo" / "pipeline.yaml"
+    assert_one_line_error(pipeline_cli(demo, tmp_path), "not empty", "--resume", "--overwrite")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--only", "ppo"), "['reward', 'sft']", "have not finished")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--from", "critic"), "--from critic", "['sft', 'reward', 'ppo']")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--only", "sft", "--from", "sft"), "give one of them")
+    assert (tmp_path / "notes.txt").read_text() == "an earlier run" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_only_then_resume_runs_each_stage_once_on_the_earlier_outputs(tmp_path):
+    """An interrupted pipeline (here: only SFT ran) resumes at the reward model, and says what it skipped."""
+    tiny = {"sft": "max_steps=2 gold_eval_prompts=4", "reward": "max_steps=2"}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("stages:\n" + "".join(
+        f"  {name}: {{config: {REPO}/configs/demo/{name}.yaml, overrides: {{"
+        + ", ".join(f"{kv.split('=')[0]}: {kv.split('=')[1]}" for kv in extra.split()) + "}}\n"
+        for name, extra in tiny.items()))
+    out = tmp_path / "out"
+    first = pipeline_cli(pipeline, out, "--only", "sft")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (out / "sft" / "sft_summary.json").exists() and not (out / "reward").exists()
+    assert_one_line_error(pipeline_cli(pipeline, out), "not empty")  # a plain rerun would overwrite SFT
+    sft_model = (out / "sft" / "model.safetensors").stat().st_mtime
+    resumed = pipeline_cli(pipeline, out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"== sft: skipped, finished earlier ({out}/sft/sft_summary.json)" in resumed.stdout
+    assert "== reward: " in resumed.stdout and (out / "reward" / "reward_summary.json").exists()
+    assert (out / "sft" / "model.safetensors").stat().st_mtime == sft_model  # SFT was not trained again
+    timings = json.loads((out / "pipeline_timings.json").read_text())["seconds"]
+    assert set(timings) == {"sft", "reward"}  # the first run's SFT time is kept
