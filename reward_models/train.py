@@ -123,6 +123,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     )
     start = time.time()
     result = trainer.train()
+    trainer.save_state()  # OUTPUT/trainer_state.json: the loss history the pipeline report plots
     metrics = {**parallelism(trainer.accelerator), "train_loss": result.training_loss, "train_seconds": time.time() - start,
                "truncated_pairs": train_cut + eval_cut, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                # what the optimiser saw: max_steps may stop before the end of the data
@@ -150,7 +151,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
             report = evaluate_pairs(scorer, held_out)
             metrics.update({f"eval/{k}": v for k, v in report["overall"].items()})
             print_report(report, title=f"held-out preference pairs ({len(held_out)})")
-            calibration_plot(report["margins"], os.path.join(out, "calibration.png"))
+            calibration_plot(report, os.path.join(out, "calibration.png"))
             if run is not None:
                 run.log({f"eval/{k}": v for k, v in report["overall"].items()})
         print(f"reward statistics on {2 * len(sample)} training responses: mean {mean:.4f}, std {std:.4f} "

@@ -10,6 +10,10 @@ A pipeline file names the stage configs and how to launch them:
       sft:    {config: sft.yaml, overrides: {}}
       reward: {config: reward.yaml}
       ppo:    {config: ppo.yaml}
+    evaluation: {}                   # optional: prompts, max_prompts, max_new_tokens, temperature, seed
+
+After the stages, ``rlhf.pipeline_eval`` samples base, SFT and PPO policies with one setting; the
+report's policy table shows only those numbers.
 
 Config paths are relative to the working directory, then to the pipeline file, then to the shipped
 configs (``rlhf.paths.configs_root``), so a packaged pipeline runs from any directory after ``pip
@@ -35,7 +39,7 @@ import yaml
 from .paths import resolve_config
 from .stages import STAGES
 
-PIPELINE_KEYS = {"output_dir", "accelerate_config", "num_processes", "wandb_group", "stages"}
+PIPELINE_KEYS = {"output_dir", "accelerate_config", "num_processes", "wandb_group", "stages", "evaluation"}
 DEMO_PIPELINE = "demo/pipeline.yaml"
 
 
@@ -61,6 +65,11 @@ def load_pipeline(path: str, overrides: list[str]) -> dict:
         stages[stage]["overrides"][field] = value
     if spec.get("accelerate_config"):
         spec["accelerate_config"] = resolve_config(spec["accelerate_config"], base)
+    from .pipeline_eval import EVALUATION_KEYS
+
+    unknown = set(spec.get("evaluation") or {}) - EVALUATION_KEYS
+    if unknown:
+        raise ValueError(f"{path}: evaluation: unknown keys {sorted(unknown)}; allowed: {sorted(EVALUATION_KEYS)}")
     return spec
 
 
@@ -140,6 +149,10 @@ def run_pipeline(spec: dict, stages: list[str] | None = None) -> int:
             return result.returncode
     with open(os.path.join(out, "pipeline_timings.json"), "w") as f:
         json.dump({"wandb_group": group, "seconds": timings}, f, indent=2)
+    from . import pipeline_eval
+
+    if stages or not os.path.exists(os.path.join(out, pipeline_eval.RESULT)):  # a rerun re-evaluates
+        pipeline_eval.run(spec, out)
     report = write_report(out, timings, group)
     print(f"\nreport: {report}")
     return 0

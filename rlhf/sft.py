@@ -135,6 +135,7 @@ def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:
 
     start = time.time()
     train_result = trainer.train()
+    trainer.save_state()  # OUTPUT/trainer_state.json: the loss history the pipeline report plots
     metrics = {**parallelism(trainer.accelerator), "train_loss": train_result.training_loss, "train_seconds": time.time() - start}
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if eval_losses:

@@ -74,16 +74,27 @@ def test_stage_outputs_chain_and_share_one_wandb_group():
 def test_demo_pipeline_writes_the_report_and_ranks_ppo_over_sft_over_base(demo_pipeline):
     out, log = demo_pipeline
     summary = json.loads((out / "summary.json").read_text())
-    base, sft, ppo = (summary["sft"]["gold/base_gold_reward"], summary["ppo"]["sft/gold_reward"],
-                      summary["ppo"]["ppo/gold_reward"])
-    assert ppo > sft > base, summary
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert summary["evaluation"] == evaluation  # the report's policy figures are that one evaluation's
+    policies = evaluation["models"]
+    assert list(policies) == ["base", "SFT", "PPO"] and evaluation["n_prompts"] == 64
+    assert evaluation["max_new_tokens"] == 32 and evaluation["reference"] == str(out / "sft")  # PPO's setting
+    assert policies["PPO"]["gold_reward"] > policies["SFT"]["gold_reward"] > policies["base"]["gold_reward"], policies
+    assert policies["SFT"]["kl"] == 0.0  # the reference itself
+    rows = [json.loads(line) for line in (out / "evaluation" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and all({"prompt", "base", "SFT", "PPO"} <= set(r) for r in rows)
     assert summary["reward"]["eval/accuracy"] >= 0.85
     assert "held-out accuracy" in log and "final KL" in log  # the printed table shows the registry's figures
+    assert "RM reward (normalized)" in log and "RM reward (raw)" in log and "policies on the same 64" in log
     report = (out / "report.md").read_text()
-    for plot in ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy", "rm_calibration"):
+    plots = ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy", "training_loss")
+    for plot in (*plots, "rm_calibration"):
         assert f"![{plot}]" in report
-    for png in ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy"):
+    for png in plots:
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "sft_log" not in summary  # loss histories stay in trainer_state.json
+    history = json.loads((out / "sft" / "trainer_state.json").read_text())["log_history"]
+    assert sum("loss" in entry for entry in history) >= 10  # logging_steps 10: a curve, not a point
     timings = json.loads((out / "pipeline_timings.json").read_text())
     assert set(timings["seconds"]) == {"sft", "reward", "ppo"}
     runs = sorted(out.glob("*/wandb/offline-run-*/run-*.wandb"))
