@@ -86,8 +86,9 @@ def launch_command(spec: dict, name: str, args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if spec.get("accelerate_config"):
         cmd += ["--config_file", spec["accelerate_config"]]
-    else:
-        cmd += ["--num_processes", str(spec.get("num_processes", 1))]
+    else:  # every value accelerate would otherwise default, warning about each one at every stage
+        cmd += ["--num_processes", str(spec.get("num_processes", 1)), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
         if int(spec.get("num_processes", 1)) > 1:
             cmd.append("--multi_gpu")
     return cmd + ["-m", "rlhf", name, *args]

@@ -113,7 +113,7 @@ def evaluate_gold(model_path: str, prompts: list[list[dict]], args: SFTScriptArg
     sampling = Sampling(args.max_new_tokens, args.eval_temperature, stop_token_ids=stop_token_ids(tokenizer))
     with whole_model_loading():  # this process alone loads and samples: no ZeRO-3 partitioning or synced_gpus
         model = load_causal_lm(model_path, dtype="float32")
-        gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed)
+        gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed, progress=f"gold evaluation of {model_path}")
     figures = reply_figures(gens, {"gold_reward": gold_rewards})
     return {**means(figures), "n": len(prompts)}
 
