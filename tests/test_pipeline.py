@@ -144,3 +144,19 @@ def test_only_then_resume_runs_each_stage_once_on_the_earlier_outputs(tmp_path):
     assert (out / "sft" / "model.safetensors").stat().st_mtime == sft_model  # SFT was not trained again
     timings = json.loads((out / "pipeline_timings.json").read_text())["seconds"]
     assert set(timings) == {"sft", "reward"}  # the first run's SFT time is kept
+
+
+def test_select_stages_reads_which_stages_finished_from_their_summary_files(tmp_path):
+    from rlhf.pipeline import select_stages
+
+    spec = load_pipeline("demo/pipeline.yaml", [])
+    assert select_stages(spec, str(tmp_path / "new")) == ["sft", "reward", "ppo"]
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "sft_summary.json").write_text("{}")
+    assert select_stages(spec, str(tmp_path), start="reward") == ["reward", "ppo"]
+    assert select_stages(spec, str(tmp_path), resume=True) == ["reward", "ppo"]
+    assert select_stages(spec, str(tmp_path), overwrite=True) == ["sft", "reward", "ppo"]
+    (tmp_path / "reward").mkdir()  # an interrupted reward stage: a directory, no summary
+    assert select_stages(spec, str(tmp_path), resume=True) == ["reward", "ppo"]
+    with pytest.raises(ValueError, match=r"\['reward'\] have not finished"):
+        select_stages(spec, str(tmp_path), only="ppo")
