@@ -125,20 +125,24 @@ def make_plots(data: dict, plot_dir: str) -> dict[str, str]:
         axes[-1].legend(fontsize=8)
         save("reward_kl", fig)
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 5))
         kl = [m["objective/kl"] for m in metrics]
-        proxy = ax.plot(kl, [m["objective/scores"] for m in metrics], "o-", ms=3, color="tab:blue",
+        proxy = ax.plot(kl, [m["objective/scores"] for m in metrics], "o-", ms=3, lw=1, alpha=0.6, color="tab:blue",
                         label="proxy: RM reward (normalized), left axis")
-        ax.set_xlabel("KL to reference (nats per reply); points in PPO step order")
+        marks = ax.scatter(kl, [m["objective/scores"] for m in metrics], c=steps, cmap="viridis", s=18, zorder=3)
+        ax.set_xlabel("KL to reference (nats per reply)")
         ax.set_ylabel("RM reward (normalized, z-score)", color="tab:blue")
         lines = proxy
+        # the colour bar first, below the plot: the twin axis then takes the same (shrunk) place as ax
+        fig.colorbar(marks, ax=ax, orientation="horizontal", pad=0.2, aspect=40).set_label(
+            "PPO step (the lines join the steps in order)")
         if has_gold:
             twin = ax.twinx()
-            lines += twin.plot(kl, [m["objective/gold_reward"] for m in metrics], "s-", ms=3, color="tab:green",
-                               label="gold reward, right axis")
+            lines += twin.plot(kl, [m["objective/gold_reward"] for m in metrics], "s-", ms=3, lw=1, alpha=0.6,
+                               color="tab:green", label="gold reward, right axis")
+            twin.scatter(kl, [m["objective/gold_reward"] for m in metrics], c=steps, cmap="viridis", s=18,
+                         marker="s", zorder=3)
             twin.set_ylabel("gold reward (demo task score)", color="tab:green")
-        ax.annotate(f"step {steps[0]}", (kl[0], metrics[0]["objective/scores"]), fontsize=7)
-        ax.annotate(f"step {steps[-1]}", (kl[-1], metrics[-1]["objective/scores"]), fontsize=7)
         ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
         ax.set_title("proxy vs gold reward as KL grows\n(over-optimisation shows as the two parting)")
         save("proxy_vs_gold", fig)
