@@ -1,5 +1,6 @@
 """Held-out evaluation of a reward model, and the ``rlhf eval-rm`` command: accuracy (ties count as wrong),
-margins, a per-subset table and a calibration plot."""
+margins, a per-subset table, how many pairs were cut to ``max_length``, and a calibration plot per subset
+(written into ``--output-dir``)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from .scoring import RewardScorer, pair_to_ids
 
 def evaluate_pairs(scorer: RewardScorer, pairs: list[dict], batch_size: int = 64) -> dict:
     """Score both sides of every pair; report overall and per ``subset`` (when pairs carry one)."""
-    margins = []
-    for start in range(0, len(pairs), batch_size):
+    from tqdm.auto import tqdm
+
+    margins, truncated = [], 0
+    for start in tqdm(range(0, len(pairs), batch_size), desc="scoring pairs", unit="batch", disable=len(pairs) <= batch_size):
         chunk = pairs[start : start + batch_size]
         ids = [pair_to_ids(scorer.tokenizer, p, scorer.max_length) for p in chunk]
+        truncated += sum(cut for _, _, cut in ids)
         rewards = scorer.score_ids([c for c, _, _ in ids] + [r for _, r, _ in ids])
         margins += [c - r for c, r in zip(rewards[: len(chunk)], rewards[len(chunk) :])]
     groups = defaultdict(list)
     for pair, margin in zip(pairs, margins):
         groups[str(pair.get("subset", ""))].append(margin)
-    report = {"overall": _stats(margins), "margins": margins}
+    report = {"overall": _stats(margins), "truncated_pairs": truncated, "margins": margins,
+              "subset_margins": dict(sorted(groups.items()))}
     if len(groups) > 1 or "" not in groups:
         report["subsets"] = {name: _stats(values) for name, values in sorted(groups.items())}
     return report
@@ -63,20 +68,28 @@ def calibration_bins(margins: list[float], n_bins: int = 10) -> list[tuple[float
     return [(s / c, k / c, c) for s, k, c in bins if c]
 
 
-def calibration_plot(margins: list[float], path: str, title: str = "reward model calibration") -> str:
+def calibration_plot(report: dict, path: str, title: str = "reward model calibration") -> str:
+    """Reliability per subset (one line each; "all pairs" alone when there are none) over the pairs per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = calibration_bins(margins)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    groups = {name or "all pairs": m for name, m in report.get("subset_margins", {"": report["margins"]}).items()}
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot([p for p, _, _ in points], [f for _, f, _ in points], "o-", label="reward model")
-    ax.set_xlabel("predicted P(chosen preferred) = sigmoid(margin)")
-    ax.set_ylabel("observed frequency")
+    width = 0.8 / (10 * len(groups))
+    for i, (name, margins) in enumerate(groups.items()):
+        points = calibration_bins(margins)
+        line, = ax.plot([p for p, _, _ in points], [f for _, f, _ in points], "o-", label=f"{name} (n={len(margins)})")
+        centres = [(min(9, int(p * 10)) + 0.1) / 10 + i * width for p, _, _ in points]
+        counts.bar(centres, [c for _, _, c in points], width=width, align="edge", color=line.get_color())
+    ax.set_ylabel("observed frequency chosen preferred")
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
+    counts.set_xlabel("predicted P(chosen preferred) = sigmoid(margin), 10 bins")
+    counts.set_ylabel("replies per bin\n(each pair twice)", fontsize=8)
+    counts.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -92,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="longer pairs are cut from the left")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
-    p.add_argument("--plot", default="calibration.png", help="where to write the calibration plot (PNG)")
+    p.add_argument("--output-dir", default="runs/eval-rm", help="gets calibration.png and eval_rm.json")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     return p
 
@@ -114,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
     result = evaluate_pairs(scorer, pairs, batch_size=args.batch_size)
     print_report(result, title=f"{args.model} (revision {scorer.revision}) on {len(pairs)} pairs")
-    print(f"calibration plot: {calibration_plot(result['margins'], args.plot)}")
+    print(f"pairs truncated from the left to max_length={scorer.max_length}: {result['truncated_pairs']} of {len(pairs)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(f"calibration plot: {calibration_plot(result, os.path.join(args.output_dir, 'calibration.png'))}")
+    figures = {k: v for k, v in result.items() if k not in ("margins", "subset_margins")}
+    with open(os.path.join(args.output_dir, "eval_rm.json"), "w") as f:
+        json.dump(figures, f, indent=2)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "margins"}))
+        print(json.dumps(figures))
     return 0

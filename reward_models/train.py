@@ -63,6 +63,7 @@ def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int | None, use_mar
 def load_reward_model(path: str, dtype: str | None, revision: str | None, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf.expected_noise import new_score_head_expected
     from rlhf.models import disable_dropout, ensure_pad_token, load_tokenizer, resolve_model_path
     from rlhf.paths import is_local_path
 
@@ -70,10 +71,11 @@ def load_reward_model(path: str, dtype: str | None, revision: str | None, trust_
     if not os.path.exists(path) and is_local_path(path):
         raise FileNotFoundError(f"{path}: no such model directory (run the SFT stage first, or set model_name_or_path)")
     tokenizer = load_tokenizer(path, revision, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code,
-        dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
-    )
+    with new_score_head_expected():  # a causal LM has no score head: the report of it missing is the point
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code,
+            dtype=None if dtype in (None, "auto") else getattr(torch, dtype),
+        )
     ensure_pad_token(tokenizer, model)
     disable_dropout(model)
     return model, tokenizer
@@ -123,6 +125,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     )
     start = time.time()
     result = trainer.train()
+    trainer.save_state()  # OUTPUT/trainer_state.json: the loss history the pipeline report plots
     metrics = {**parallelism(trainer.accelerator), "train_loss": result.training_loss, "train_seconds": time.time() - start,
                "truncated_pairs": train_cut + eval_cut, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                # what the optimiser saw: max_steps may stop before the end of the data
@@ -150,7 +153,7 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
             report = evaluate_pairs(scorer, held_out)
             metrics.update({f"eval/{k}": v for k, v in report["overall"].items()})
             print_report(report, title=f"held-out preference pairs ({len(held_out)})")
-            calibration_plot(report["margins"], os.path.join(out, "calibration.png"))
+            calibration_plot(report, os.path.join(out, "calibration.png"))
             if run is not None:
                 run.log({f"eval/{k}": v for k, v in report["overall"].items()})
         print(f"reward statistics on {2 * len(sample)} training responses: mean {mean:.4f}, std {std:.4f} "

@@ -6,10 +6,11 @@ after sampling through ``rlhf.generation``.
 
 ``rlhf eval``: both models sample a reply to every prompt with the same seed (so a model compared with
 itself gives identical replies: win rate exactly 0.5, KL 0). Per model: mean reward (the reward model's
-normalized score, as PPO uses it), gold reward (demo task), KL to a reference model on the model's own
+normalized score, as PPO uses it: ``rm_reward_normalized``; and its raw score, ``rm_reward_raw``), gold reward (demo task), KL to a reference model on the model's own
 samples, reply length in tokens, EOS rate, distinct-1/2 and, when the prompts come from SFT data with
 reference answers, BLEU (sacrebleu) and ROUGE-L (rouge-score). Win rates of the policy over the
-baseline are per prompt, ties counting half.
+baseline are per prompt, ties counting half, with a 95% Wilson interval. ``--output-dir`` gets the
+result (``eval.json``) and every reply side by side (``generations.jsonl``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from .ppo.masked import masked_sum
 from .ppo.rollout import forward_response
 from .tensors import pad_rows
 
-METRICS = ("reward", "gold_reward", "kl", "response_length", "eos_rate",
+# one name per quantity, the same in `rlhf eval`, the pipeline's evaluation and its report
+RM_NORMALIZED, RM_RAW = "rm_reward_normalized", "rm_reward_raw"
+METRICS = (RM_NORMALIZED, RM_RAW, "gold_reward", "kl", "response_length", "eos_rate",
            "distinct_1", "distinct_2", "bleu", "rouge_l")
 _TOKENS = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks: model-independent, so models compare
 
@@ -53,13 +56,28 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+WIN_RATE_KEYS = (RM_NORMALIZED, "gold_reward")  # the raw RM score ranks replies as the normalized one does
+
+
 def win_rate(a: list[float], b: list[float]) -> dict:
-    """Share of prompts where a beats b, a tie counting half, with the counts behind it."""
+    """Share of prompts where a beats b, a tie counting half, with the counts behind it and a 95% Wilson
+    interval (Wilson 1927) on that share over the n prompts (ties as half a win)."""
     wins = sum(x > y for x, y in zip(a, b))
     ties = sum(x == y for x, y in zip(a, b))
     n = len(a)
+    low, high = wilson_interval(wins + 0.5 * ties, n)
     return {"win_rate": (wins + 0.5 * ties) / n if n else math.nan, "wins": wins, "ties": ties,
-            "losses": n - wins - ties}
+            "losses": n - wins - ties, "ci95": [low, high]}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for the default z); (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -182,12 +200,14 @@ def _load_model(name: str, device, cache: dict):
 # the evaluation
 
 
-def evaluate(policy: str, baseline: str, prompts_path: str, reward_model: str | None = None,
-             reference: str | None = None, gold: bool | str = "auto", max_prompts: int | None = None,
-             max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             stop_tokens: list[str] | None = None, seed: int = 0, batch_size: int = 16, device: str | None = None,
-             format: str | None = None, log=None) -> dict:
-    """Every figure of the module docstring as a dict (see ``format_report``); ``log`` gets progress lines."""
+def evaluate_models(models: dict[str, str], prompts_path: str, reward_model: str | None = None,
+                    reference: str | None = None, gold: bool | str = "auto", max_prompts: int | None = None,
+                    max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    stop_tokens: list[str] | None = None, seed: int = 0, batch_size: int = 16,
+                    device: str | None = None, format: str | None = None, log=None) -> dict:
+    """Every model of ``models`` (label -> name) on the same prompts with the same sampling: the settings,
+    per-model means (``models``), per-reply figures (``per_prompt``) and the replies side by side
+    (``generations``, one row per prompt). ``reference`` (default: the first model) is the KL reference."""
     log = log or (lambda line: None)
     prompts, references, report = load_eval_prompts(prompts_path, format)
     if max_prompts:
@@ -203,29 +223,34 @@ def evaluate(policy: str, baseline: str, prompts_path: str, reward_model: str | 
     use_gold = demo if gold == "auto" else bool(gold)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cache: dict = {}
-    ref_model, ref_tok = _load_model(reference or baseline, device, cache)
+    reference = reference or next(iter(models.values()))
+    ref_model, ref_tok = _load_model(reference, device, cache)
     sources = {}
     if reward_model:
         from .ppo.rewards import LocalRewardModel
 
         try:
-            sources["reward"] = LocalRewardModel(reward_model, device=device, batch_size=batch_size)
+            scorer = LocalRewardModel(reward_model, device=device, batch_size=batch_size)
         except (OSError, ValueError) as e:
             raise EvalInputError(f"{reward_model}: cannot load the reward model: {e}") from e
+        sources[RM_NORMALIZED] = scorer
+        sources[RM_RAW] = lambda prompts, responses, **_: scorer.last_raw  # the same call's raw scores
     if use_gold:
         from .ppo.rewards import load_function
 
         sources["gold_reward"] = load_function("gold")
 
-    models, per_prompt = {}, {}
-    for label, name in (("policy", policy), ("baseline", baseline)):
+    figures_of, per_prompt = {}, {}
+    rows = [{"prompt": p, **({"reference": r} if references else {})}
+            for p, r in zip(prompts, references or [None] * len(prompts))]
+    for label, name in models.items():
         model, tokenizer = _load_model(name, device, cache)
         log(f"{label}: generating {len(prompts)} replies with {name}")
         try:
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, stop_token_ids(tokenizer, stop_tokens))
         except ValueError as e:
             raise EvalInputError(f"{name}: {e}") from e
-        gens = generate_replies(model, tokenizer, prompts, sampling, batch_size, seed)
+        gens = generate_replies(model, tokenizer, prompts, sampling, batch_size, seed, progress=f"{label}: generating")
         kl = None
         if tokenizer.get_vocab() == ref_tok.get_vocab():
             kl = sequence_kl(logits_fn(model), logits_fn(ref_model), tokenizer, gens, temperature,
@@ -238,16 +263,36 @@ def evaluate(policy: str, baseline: str, prompts_path: str, reward_model: str | 
         if references is not None:
             m["bleu"], m["rouge_l"] = bleu(gens.responses, references), rouge_l(gens.responses, references)
         m["samples"] = [{"prompt": p, "response": t} for p, t in zip(prompts[:3], gens.responses[:3])]
-        models[label], per_prompt[label] = m, figures
-    win_rates = {key: win_rate(per_prompt["policy"][key], per_prompt["baseline"][key])
-                 for key in ("reward", "gold_reward") if key in per_prompt["policy"]}
+        figures_of[label], per_prompt[label] = m, figures
+        for i, row in enumerate(rows):
+            row[label] = {"response": gens.responses[i], **{k: v[i] for k, v in figures.items()}}
     return {
         "prompts": prompts_path, "format": report.format, "n_prompts": len(prompts),
-        "references": references is not None, "reward_model": reward_model, "reference": reference or baseline,
+        "references": references is not None, "reward_model": reward_model, "reference": reference,
         "gold": use_gold, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-        "top_k": top_k, "kl_temperature": temperature if temperature > 0 else 1.0, "seed": seed, "models": models,
-        "win_rate": win_rates,
+        "top_k": top_k, "kl_temperature": temperature if temperature > 0 else 1.0, "seed": seed,
+        "models": figures_of, "per_prompt": per_prompt, "generations": rows,
     }
+
+
+def evaluate(policy: str, baseline: str, prompts_path: str, reference: str | None = None, **options) -> dict:
+    """``rlhf eval``: the policy and the baseline (the default KL reference) by ``evaluate_models``, with
+    the policy's win rates over the baseline."""
+    result = evaluate_models({"policy": policy, "baseline": baseline}, prompts_path, reference=reference or baseline,
+                             **options)
+    per_prompt = result.pop("per_prompt")
+    result["win_rate"] = {key: win_rate(per_prompt["policy"][key], per_prompt["baseline"][key])
+                          for key in WIN_RATE_KEYS if key in per_prompt["policy"]}
+    return result
+
+
+def write_generations(rows: list[dict], path: str) -> str:
+    """The replies side by side, one JSON line per prompt: ``{prompt, [reference], LABEL: {response, figures}}``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def format_report(result: dict) -> str:
@@ -260,16 +305,17 @@ def format_report(result: dict) -> str:
         f"baseline = {baseline['model']}",
         f"KL to {result['reference']} (k1, summed over reply tokens, T={result['kl_temperature']})"
         + (f"; reward model {result['reward_model']}" if result["reward_model"] else ""),
-        f"{'':<20}{'policy':>12}{'baseline':>12}",
+        f"{'':<22}{'policy':>12}{'baseline':>12}",
     ]
     for key in METRICS:
         if key in policy or key in baseline:
             cells = "".join(f"{m[key]:>12.3f}" if key in m else f"{'-':>12}" for m in (policy, baseline))
-            lines.append(f"{key:<20}{cells}")
+            lines.append(f"{key:<22}{cells}")
     if result["win_rate"]:
         lines.append("win rate of policy over baseline (ties count half)")
         for key, w in result["win_rate"].items():
-            lines.append(f"  by {key:<16}{w['win_rate']:>8.3f}   "
+            low, high = w["ci95"]
+            lines.append(f"  by {key:<22}{w['win_rate']:>7.3f}  95% CI [{low:.3f}, {high:.3f}]  "
                          f"(wins {w['wins']}, ties {w['ties']}, losses {w['losses']})")
     return "\n".join(lines)
 
@@ -300,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.add_argument("--output", default=None, help="write the result as JSON to this file")
+    p.add_argument("--output-dir", default="runs/eval", help="gets eval.json and the replies side by side "
+                   "(generations.jsonl)")
     return p
 
 
@@ -321,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataFormatError, EvalInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    generations = result.pop("generations")
     print(format_report(result))
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    print(f"replies side by side: {write_generations(generations, os.path.join(args.output_dir, 'generations.jsonl'))}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)

@@ -144,8 +144,12 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[dict]], sampling: Sampling, batch_size: int = 32,
-                     seed: int | None = 0, max_prompt_length: int | None = None) -> Generations:
-    """A reply to each prompt in batches, reproducibly for a given ``seed`` (the global RNG is left as it was)."""
+                     seed: int | None = 0, max_prompt_length: int | None = None,
+                     progress: str | None = None) -> Generations:
+    """A reply to each prompt in batches, reproducibly for a given ``seed`` (the global RNG is left as it was);
+    ``progress`` names a tqdm bar over the batches (none by default: training loops print their own)."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -155,7 +159,8 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], sampling: Samp
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
+            for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None,
+                              unit="batch"):
                 q_ids, q_mask, _ = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length,
                                                   device)
                 ids, mask, stop = generate(model, q_ids, q_mask, sampling, tokenizer.pad_token_id)

@@ -113,7 +113,7 @@ def evaluate_gold(model_path: str, prompts: list[list[dict]], args: SFTScriptArg
     sampling = Sampling(args.max_new_tokens, args.eval_temperature, stop_token_ids=stop_token_ids(tokenizer))
     with whole_model_loading():  # this process alone loads and samples: no ZeRO-3 partitioning or synced_gpus
         model = load_causal_lm(model_path, dtype="float32")
-        gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed)
+        gens = generate_replies(model, tokenizer, prompts, sampling, seed=seed, progress=f"gold evaluation of {model_path}")
     figures = reply_figures(gens, {"gold_reward": gold_rewards})
     return {**means(figures), "n": len(prompts)}
 
@@ -135,6 +135,7 @@ def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:
 
     start = time.time()
     train_result = trainer.train()
+    trainer.save_state()  # OUTPUT/trainer_state.json: the loss history the pipeline report plots
     metrics = {**parallelism(trainer.accelerator), "train_loss": train_result.training_loss, "train_seconds": time.time() - start}
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if eval_losses:

@@ -83,12 +83,27 @@ STAGES: dict[str, Stage] = {
         "ppo", "PPO against the reward model under a KL penalty (ours, on accelerate)", "rlhf.ppo.stage:run_ppo",
         "prompt", ("model_name_or_path", "ref_model", "reward_model", "critic_model"),
         inputs={"model_name_or_path": "sft", "reward_model": "reward"}, summary_file="ppo_summary.json",
-        figures=(("final KL", "ppo/kl"), ("RM reward before", "sft/reward"), ("RM reward after", "ppo/reward"))),
+        # the policies' rewards come from the pipeline's one evaluation (rlhf.pipeline_eval), not from here
+        figures=(("final KL", "ppo/kl"),)),
 }
 
 
 def stage_command(name: str, argv: list[str]) -> int:
     """``rlhf <stage> --config FILE [key=value ...]``: parse the stage's config and run it in this process."""
+    import os
+
+    import torch
+
+    from .expected_noise import quiet_cpu_runs
+    from .tracking import where_runs_went
+
+    if not torch.cuda.is_available():
+        quiet_cpu_runs()
     stage = STAGES[name]
-    stage.run(stage.parse(argv))
+    parsed = stage.parse(argv)
+    stage.run(parsed)
+    if os.environ.get("RANK", "0") == "0":  # the main process of a launch
+        output_dir = next(p.output_dir for p in reversed(parsed) if getattr(p, "output_dir", None))
+        for line in where_runs_went(output_dir):
+            print(line)
     return 0

@@ -33,7 +33,9 @@ def test_distinct_n_counts_unique_ngrams_over_all_replies():
 
 
 def test_win_rate_counts_ties_as_half():
-    assert win_rate([1, 2, 3, 3], [0, 2, 4, 3]) == {"win_rate": 0.5, "wins": 1, "ties": 2, "losses": 1}
+    counts = win_rate([1, 2, 3, 3], [0, 2, 4, 3])
+    assert {k: counts[k] for k in ("win_rate", "wins", "ties", "losses")} == {"win_rate": 0.5, "wins": 1, "ties": 2,
+                                                                             "losses": 1}
     assert win_rate([1.0, 1.0], [0.0, 0.0])["win_rate"] == 1.0
     assert win_rate([0.0, 2.0, 5.0], [1.0, 2.0, 5.0])["win_rate"] == pytest.approx(1 / 3)
 
@@ -90,22 +92,23 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_cli_same_model_and_seed_ties_everywhere(tiny_reward_model):
+def test_cli_same_model_and_seed_ties_everywhere(tiny_reward_model, tmp_path):
     from rlhf.data.demo_task import demo_data_paths
 
     result = run_eval("--policy", "tiny:demo", "--baseline", "tiny:demo", "--prompts",
                       demo_data_paths(0)["prompts_eval"], "--reward-model", tiny_reward_model,
-                      "--max-prompts", "6", *FAST, "--json")
+                      "--max-prompts", "6", *FAST, "--json", "--output-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = last_json(result.stdout)
     policy, baseline = out["models"]["policy"], out["models"]["baseline"]
     assert out["n_prompts"] == 6 and out["gold"] and not out["references"]
-    assert out["win_rate"]["reward"] == {"win_rate": 0.5, "wins": 0, "ties": 6, "losses": 0}
+    assert out["win_rate"]["rm_reward_normalized"] == {"win_rate": 0.5, "wins": 0, "ties": 6, "losses": 0,
+                                                       "ci95": pytest.approx([0.188, 0.812], abs=1e-3)}
     assert out["win_rate"]["gold_reward"]["win_rate"] == 0.5
     assert policy["kl"] == baseline["kl"] == 0.0
     assert policy == baseline  # identical replies, identical figures
     table = result.stdout
-    assert "policy    baseline" in table and "by reward" in table and "ties 6" in table
+    assert "policy    baseline" in table and "by rm_reward_normalized" in table and "ties 6" in table
 
 
 def test_cli_different_policy_on_sft_data_reports_every_metric(tiny_reward_model, perturbed_policy, tmp_path):
@@ -114,22 +117,35 @@ def test_cli_different_policy_on_sft_data_reports_every_metric(tiny_reward_model
     output = tmp_path / "eval.json"
     result = run_eval("--policy", perturbed_policy, "--baseline", "tiny:demo", "--prompts",
                       demo_data_paths(0)["sft_eval"], "--reward-model", tiny_reward_model,
-                      "--max-prompts", "6", *FAST, "--output", output)
+                      "--max-prompts", "6", *FAST, "--output", output, "--output-dir", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(output.read_text())
     assert out["references"] and out["gold"] and out["format"] == "messages"
     for label in ("policy", "baseline"):
         m = out["models"][label]
-        for key in ("reward", "gold_reward", "kl", "response_length", "eos_rate",
+        for key in ("rm_reward_normalized", "rm_reward_raw", "gold_reward", "kl", "response_length", "eos_rate",
                     "distinct_1", "distinct_2", "bleu", "rouge_l"):
             assert math.isfinite(m[key]), (label, key, m[key])
         assert 0 <= m["bleu"] <= 100 and 0 <= m["rouge_l"] <= 1 and 0 <= m["eos_rate"] <= 1
     assert out["models"]["baseline"]["kl"] == 0.0  # the baseline is the default reference
     assert out["models"]["policy"]["kl"] != 0.0
-    assert set(out["win_rate"]) == {"reward", "gold_reward"}
+    assert set(out["win_rate"]) == {"rm_reward_normalized", "gold_reward"}
     assert all(sum(w[k] for k in ("wins", "ties", "losses")) == 6 for w in out["win_rate"].values())
-    for key in ("bleu", "rouge_l", "kl", "win rate of policy over baseline"):
+    for key in ("bleu", "rouge_l", "kl", "win rate of policy over baseline", "95% CI ["):
         assert key in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and json.loads((tmp_path / "eval" / "eval.json").read_text())["n_prompts"] == 6
+    assert all(set(r) == {"prompt", "reference", "policy", "baseline"} for r in rows)  # side by side, per prompt
+    assert all(isinstance(r[m]["response"], str) and "gold_reward" in r[m] for r in rows for m in ("policy", "baseline"))
+    assert sum(r["policy"]["gold_reward"] for r in rows) / 6 == pytest.approx(out["models"]["policy"]["gold_reward"])
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from rlhf.evaluation import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the standard worked example
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
 def test_cli_malformed_prompts_file_names_file_and_record(tmp_path):

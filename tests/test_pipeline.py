@@ -74,18 +74,89 @@ def test_stage_outputs_chain_and_share_one_wandb_group():
 def test_demo_pipeline_writes_the_report_and_ranks_ppo_over_sft_over_base(demo_pipeline):
     out, log = demo_pipeline
     summary = json.loads((out / "summary.json").read_text())
-    base, sft, ppo = (summary["sft"]["gold/base_gold_reward"], summary["ppo"]["sft/gold_reward"],
-                      summary["ppo"]["ppo/gold_reward"])
-    assert ppo > sft > base, summary
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert summary["evaluation"] == evaluation  # the report's policy figures are that one evaluation's
+    policies = evaluation["models"]
+    assert list(policies) == ["base", "SFT", "PPO"] and evaluation["n_prompts"] == 64
+    assert evaluation["max_new_tokens"] == 32 and evaluation["reference"] == str(out / "sft")  # PPO's setting
+    assert policies["PPO"]["gold_reward"] > policies["SFT"]["gold_reward"] > policies["base"]["gold_reward"], policies
+    assert policies["SFT"]["kl"] == 0.0  # the reference itself
+    rows = [json.loads(line) for line in (out / "evaluation" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and all({"prompt", "base", "SFT", "PPO"} <= set(r) for r in rows)
     assert summary["reward"]["eval/accuracy"] >= 0.85
     assert "held-out accuracy" in log and "final KL" in log  # the printed table shows the registry's figures
+    assert "RM reward (normalized)" in log and "RM reward (raw)" in log and "policies on the same 64" in log
     report = (out / "report.md").read_text()
-    for plot in ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy", "rm_calibration"):
+    plots = ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy", "training_loss")
+    for plot in (*plots, "rm_calibration"):
         assert f"![{plot}]" in report
-    for png in ("reward_kl", "proxy_vs_gold", "response_length", "rm_accuracy"):
+    for png in plots:
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "sft_log" not in summary  # loss histories stay in trainer_state.json
+    history = json.loads((out / "sft" / "trainer_state.json").read_text())["log_history"]
+    assert sum("loss" in entry for entry in history) >= 10  # logging_steps 10: a curve, not a point
     timings = json.loads((out / "pipeline_timings.json").read_text())
     assert set(timings["seconds"]) == {"sft", "reward", "ppo"}
     runs = sorted(out.glob("*/wandb/offline-run-*/run-*.wandb"))
     assert [r.parts[-4] for r in runs] == ["ppo", "reward", "sft"]
     assert all(timings["wandb_group"].encode() in r.read_bytes() for r in runs)  # one group for the pipeline
+
+
+def pipeline_cli(config, out, *extra, timeout=300):
+    return run_cli(["-m", "rlhf", "pipeline", "--config", str(config), "--output-dir", str(out), *extra],
+                   env=OFFLINE, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
+def test_pipeline_refuses_a_non_empty_output_dir_and_stages_it_cannot_chain(tmp_path):
+    (tmp_path / "notes.txt").write_text("an earlier run")
+    demo = REPO / "configs" / "demo" / "pipeline.yaml"
+    assert_one_line_error(pipeline_cli(demo, tmp_path), "not empty", "--resume", "--overwrite")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--only", "ppo"), "['reward', 'sft']", "have not finished")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--from", "critic"), "--from critic", "['sft', 'reward', 'ppo']")
+    assert_one_line_error(pipeline_cli(demo, tmp_path, "--only", "sft", "--from", "sft"), "give one of them")
+    assert (tmp_path / "notes.txt").read_text() == "an earlier run" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_only_then_resume_runs_each_stage_once_on_the_earlier_outputs(tmp_path):
+    """An interrupted pipeline (here: only SFT ran) resumes at the reward model, and says what it skipped."""
+    tiny = {"sft": "max_steps=2 gold_eval_prompts=4", "reward": "max_steps=2"}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("stages:\n" + "".join(
+        f"  {name}: {{config: {REPO}/configs/demo/{name}.yaml, overrides: {{"
+        + ", ".join(f"{kv.split('=')[0]}: {kv.split('=')[1]}" for kv in extra.split()) + "}}\n"
+        for name, extra in tiny.items()))
+    out = tmp_path / "out"
+    first = pipeline_cli(pipeline, out, "--only", "sft")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (out / "sft" / "sft_summary.json").exists() and not (out / "reward").exists()
+    assert_one_line_error(pipeline_cli(pipeline, out), "not empty")  # a plain rerun would overwrite SFT
+    sft_model = (out / "sft" / "model.safetensors").stat().st_mtime
+    resumed = pipeline_cli(pipeline, out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"== sft: skipped, finished earlier ({out}/sft/sft_summary.json)" in resumed.stdout
+    assert "== reward: " in resumed.stdout and (out / "reward" / "reward_summary.json").exists()
+    assert (out / "sft" / "model.safetensors").stat().st_mtime == sft_model  # SFT was not trained again
+    timings = json.loads((out / "pipeline_timings.json").read_text())["seconds"]
+    assert set(timings) == {"sft", "reward"}  # the first run's SFT time is kept
+
+
+def test_select_stages_reads_which_stages_finished_from_their_summary_files(tmp_path):
+    from rlhf.pipeline import select_stages
+
+    spec = load_pipeline("demo/pipeline.yaml", [])
+    assert select_stages(spec, str(tmp_path / "new")) == ["sft", "reward", "ppo"]
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "sft_summary.json").write_text("{}")
+    assert select_stages(spec, str(tmp_path), start="reward") == ["reward", "ppo"]
+    assert select_stages(spec, str(tmp_path), resume=True) == ["reward", "ppo"]
+    assert select_stages(spec, str(tmp_path), overwrite=True) == ["sft", "reward", "ppo"]
+    (tmp_path / "reward").mkdir()  # an interrupted reward stage: a directory, no summary
+    assert select_stages(spec, str(tmp_path), resume=True) == ["reward", "ppo"]
+    with pytest.raises(ValueError, match=r"\['reward'\] have not finished"):
+        select_stages(spec, str(tmp_path), only="ppo")

@@ -111,14 +111,18 @@ def test_demo_reward_model_reaches_85_percent_against_gold(demo_reward):
 def test_eval_rm_cli_prints_accuracy_subsets_and_writes_a_calibration_plot(demo_reward, tmp_path):
     out, _ = demo_reward
     paths = demo_data_paths(0)
-    plot = tmp_path / "calibration.png"
     result = run_cli(["-m", "rlhf", "eval-rm", "--model", str(out), "--data", paths["pairs_eval"],
-                      paths["pairs_train"], "--max-records", "200", "--plot", str(plot), "--json"])
+                      paths["pairs_train"], "--max-records", "200", "--max-length", "40", "--output-dir",
+                      str(tmp_path), "--json"], cwd=tmp_path.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "preferences_eval.jsonl" in result.stdout and "preferences_train.jsonl" in result.stdout
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["overall"]["n"] == 400 and figures["subsets"]["preferences_eval.jsonl"]["accuracy"] >= 0.85
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "eval_rm.json").read_text())["overall"]["n"] == 400
+    assert not (tmp_path.parent / "calibration.png").exists()  # nothing in the working directory
+    assert 0 < figures["truncated_pairs"] < 400  # demo pairs run 30-60 tokens: a 40-token cap cuts some
+    assert f"pairs truncated from the left to max_length=40: {figures['truncated_pairs']} of 400" in result.stdout
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from ..distributed import (
 from ..evaluation import means, reply_figures, sequence_kl
 from ..generation import generate_replies
 from ..models import ensure_pad_token, load_tokenizer, resolve_model_path
-from ..tracking import init_wandb, log_summary, log_table
+from ..tracking import init_tracking, log_summary, log_table
 from .actor_critic import reference_logits
 from .trainer import PPOTrainer
 
@@ -45,7 +45,8 @@ def evaluate_policy(trainer: PPOTrainer, records: list[dict]) -> dict:
     sampling = dataclasses.replace(trainer.sampling, temperature=cfg.eval_temperature)
     with unwrap_for_generation(trainer.model, acc) as bare, compute_precision(acc):  # the training precision throughout
         gens = generate_replies(bare.generation_model(), tok, mine, sampling, seed=cfg.seed + acc.process_index,
-                                max_prompt_length=cfg.max_prompt_length)
+                                max_prompt_length=cfg.max_prompt_length,
+                                progress="held-out evaluation" if acc.is_main_process else None)
     unwrapped = acc.unwrap_model(trainer.model)
     with compute_precision(acc):
         kl = sequence_kl(lambda *a: unwrapped(*a)[0], lambda *a: reference_logits(unwrapped, trainer.ref, *a), tok,
@@ -115,8 +116,8 @@ def run_ppo(cfg) -> dict:
         print("\n".join(lines))
         print(f"prompts: {len(train_prompts)} training, {len(eval_prompts)} held out; "
               f"per process: {trainer.sizes}")
-    run = init_wandb(cfg.output_dir, cfg.wandb_project, cfg.wandb_group, cfg.run_name, config, is_main) \
-        if "wandb" in cfg.report_to else None
+    run = init_tracking(cfg.output_dir, cfg.report_to, cfg.wandb_project, cfg.wandb_group, cfg.run_name, config,
+                        is_main)
     if cfg.resume:
         trainer.resume()
     before = evaluate_policy(trainer, eval_prompts)
