@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# --overwrite: `make demo` again reruns the demo (rlhf pipeline alone refuses a non-empty output directory)
 demo: $(STAMP)
-	$(BIN)/rlhf pipeline --config configs/demo/pipeline.yaml
+	$(BIN)/rlhf pipeline --config configs/demo/pipeline.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
