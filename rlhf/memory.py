@@ -165,7 +165,8 @@ def logits_bytes_per_token(s: ModelShape) -> float:
 # The in-process reward model (rlhf.ppo.rewards.LocalRewardModel -> reward_models.scoring.RewardScorer) loads
 # in fp32 on every process and no engine wraps it: a full fp32 copy per device whatever the policy's sharding.
 REWARD_MODEL_BYTES = 4
-# rlhf.ppo.losses.CHUNK_BYTES: the chunked logprob/entropy temporaries stay within a few such chunks
+# rlhf.ppo.losses.CHUNK_BYTES: the chunked logprob/entropy temporaries stay within a few such chunks (or a few
+# fp32 copies of the logits, when they are smaller than one chunk)
 LOGPROB_CHUNK_BYTES = 64 << 20
 CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 ESTIMATORS = ("gae", *CRITIC_FREE)
@@ -324,7 +325,8 @@ def estimate(shape: ModelShape, stage: str = "sft", method: str = "full", dtype:
         parts = _ppo_parts(topology, critic, p_lm, p_cls, h, p_adapter, bits4, reward_model, zero)
         # the update keeps the response's logits (T+1 positions, logits_to_keep) for the chunked logprob's
         # backward, then their gradient; the chunks' fp32 temporaries stay within a few chunks
-        logits = batch * (resp + 1) * 2 * DTYPE_BYTES[dtype] * shape.vocab_size + 3 * LOGPROB_CHUNK_BYTES
+        rows = batch * (resp + 1) * shape.vocab_size
+        logits = rows * 2 * DTYPE_BYTES[dtype] + 4 * min(LOGPROB_CHUNK_BYTES, 4 * rows)
         # separate: policy and critic forwards live until one backward; lora: the base runs once per adapter;
         # shared and critic-free: one backbone pass
         passes = 2 if critic and topology in ("separate", "lora") else 1
@@ -391,7 +393,8 @@ def _add_rollout(est: MemoryEstimate, shape: ModelShape, store: str, dtype: str,
         weights += w if whole else w / est.gpus
     e = DTYPE_BYTES[dtype]
     kv = prompts * k * seq * shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * e
-    logits = forward_batch * (resp + 1) * e * shape.vocab_size + 3 * LOGPROB_CHUNK_BYTES
+    rows = forward_batch * (resp + 1) * shape.vocab_size
+    logits = rows * e + 4 * min(LOGPROB_CHUNK_BYTES, 4 * rows)  # a chunk is at most the whole batch
     peak = weights + est.optimizer + max(kv, logits)
     est.rollout_weights = weights
     est.rollout_total = peak * (1 + OVERHEAD_FRACTION)
