@@ -10,7 +10,16 @@ import json
 import os
 import sys
 
-from .memory import DEFAULT_LORA_TARGETS, GIB, LINEARS, MemoryEstimate, ModelShape, estimate
+from .memory import (
+    DEFAULT_LORA_TARGETS,
+    ESTIMATORS,
+    GIB,
+    LINEARS,
+    MemoryEstimate,
+    ModelShape,
+    estimate,
+    fit_verdict,
+)
 from .paths import is_local_path
 
 
@@ -22,16 +31,29 @@ def format_table(est: MemoryEstimate) -> str:
         return f"{x / scale:14.3f}"
 
     topo = f", topology {est.topology}" if est.topology else ""
-    lines = [f"stage {est.stage}, method {est.method}{topo}, {est.dtype}, ZeRO-{est.zero} over {est.gpus} GPU(s), "
+    topo += f", estimator {est.estimator}" if est.estimator != "gae" else ""
+    engine = f"FSDP2 over {est.gpus} GPU(s)" if est.fsdp2 else f"ZeRO-{est.zero} over {est.gpus} GPU(s)"
+    engine += ", activation checkpointing" if est.checkpointing else ""
+    sharding = est.zero == 3 or est.fsdp2
+    lines = [f"stage {est.stage}, method {est.method}{topo}, {est.dtype}, {engine}, "
              f"batch {est.batch} x seq {est.seq} per device" + (f", {est.grad_accum} accumulated" if est.grad_accum > 1
                                                                 else ""),
-             f"{'models (ZeRO-3 shards them)' if est.zero == 3 else 'models':<40}{'params':>14}{'trainable':>14}"]
-    lines += [f"  {p.name:<38}{p.params:>14,}{p.trainable:>14,}" for p in est.parts]
+             f"{'models':<40}{'params':>14}{'trainable':>14}" + ("  per device" if sharding else "")]
+    lines += [f"  {p.name:<38}{p.params:>14,}{p.trainable:>14,}" + (
+        ("  sharded" if p.sharded else "  full copy") if sharding else "") for p in est.parts]
     lines.append(f"{'component':<40}{unit + '/device':>14}")
-    for name in ("weights", "gradients", "optimizer", "activations", "overhead"):
-        lines.append(f"  {name:<38}{size(getattr(est, name))}")
-    rule = "W + O + G + A" if est.grad_accum > 1 else "W + O + max(G, A)"
-    lines.append(f"  {'total = ' + rule + ' + overhead':<38}{size(est.total)}")
+    for name in ("weights", "gathered", "gradients", "optimizer", "activations", "overhead"):
+        if name != "gathered" or est.gathered:
+            label = "gathered in the forward (W_g)" if name == "gathered" else name
+            lines.append(f"  {label:<38}{size(getattr(est, name))}")
+    rule = ("W + O + G + A" if est.grad_accum > 1 else "W + O + max(G, A)") + (" + W_g" if est.gathered else "")
+    if est.rollout_total is None:
+        lines.append(f"  {'total = ' + rule + ' + overhead':<38}{size(est.total)}")
+    else:
+        lines.append(f"  {'update = ' + rule + ' + overhead':<38}{size(est.update_total)}")
+        lines.append(f"  {'rollout = W_gen + O + max(KV, logits)':<38}{size(est.rollout_total)}   (W_gen "
+                     f"{est.rollout_weights / scale:.3f} {unit})")
+        lines.append(f"  {'total = max(update, rollout)':<38}{size(est.total)}")
     if est.separate_total is not None:
         saved = est.separate_total - est.total
         lines.append(f"  {'separate topology (full)':<38}{size(est.separate_total)}   ({est.topology} saves "
@@ -103,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
                    help="attention kernel: eager keeps the heads x seq x seq probabilities")
     p.add_argument("--no-reward-model", action="store_true", help="ppo scored by a function or API: no RM held")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="gae",
+                   help="ppo advantage_estimator: the critic-free ones (grpo, dr_grpo, rloo, reinforce_pp) hold no critic")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="ppo: replies sampled per prompt")
+    p.add_argument("--prompts", type=int, help="ppo: prompts per device per step (default: --batch / --samples-per-prompt)")
+    p.add_argument("--rollout-forward-batch", type=int,
+                   help="ppo: local_rollout_forward_batch_size, sequences per recompute forward (default --batch)")
+    p.add_argument("--fsdp2", action="store_true", help="torch FSDP2 over --gpus instead of DeepSpeed (ppo: topology "
+                                                        "separate or a critic-free estimator)")
+    p.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing")
+    p.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="memory per device in GiB: end with whether it fits, else the cheapest change that does")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return p
 
@@ -112,13 +145,27 @@ def main(argv: list[str] | None = None) -> int:
     targets = LINEARS if args.lora_targets == "all" else tuple(t.strip() for t in args.lora_targets.split(","))
     try:
         shape = ModelShape.from_config(load_config(args.model, args.config_json))
-        est = estimate(shape, args.stage, args.method, args.dtype, args.zero, args.gpus, args.batch, args.seq,
-                       args.lora_r, targets, args.topology, args.attn, not args.no_reward_model, args.grad_accum,
-                       args.response_len)
+        kwargs = dict(stage=args.stage, method=args.method, dtype=args.dtype, zero=args.zero, gpus=args.gpus,
+                      batch=args.batch, seq=args.seq, lora_r=args.lora_r, lora_targets=targets, topology=args.topology,
+                      attn=args.attn, reward_model=not args.no_reward_model, grad_accum=args.grad_accum,
+                      response_len=args.response_len, fsdp2=args.fsdp2, checkpointing=args.checkpointing)
+        if args.stage == "ppo":
+            kwargs.update(estimator=args.estimator, samples_per_prompt=args.samples_per_prompt, prompts=args.prompts,
+                          rollout_forward_batch=args.rollout_forward_batch)
+        elif (args.estimator, args.samples_per_prompt, args.prompts, args.rollout_forward_batch) != ("gae", 1, None, None):
+            raise ValueError("--estimator, --samples-per-prompt, --prompts and --rollout-forward-batch apply to "
+                             "--stage ppo only")
+        if args.device_memory is not None and args.device_memory <= 0:
+            raise ValueError(f"--device-memory {args.device_memory}: give the memory per device in GiB, e.g. 80")
+        est = estimate(shape, **kwargs)
+        verdict = fit_verdict(shape, args.device_memory * GIB, **kwargs) if args.device_memory else None
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(est.to_dict(), indent=2) if args.json else format_table(est))
+    if args.json:
+        print(json.dumps({**est.to_dict(), **({"verdict": verdict[0]} if verdict else {})}, indent=2))
+    else:
+        print(format_table(est) + (f"\n{verdict[0]}" if verdict else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ from transformers import (
 
 from rlhf import memory, memory_command
 from rlhf.memory import (
+    GIB,
     LINEARS,
     ModelShape,
     activation_bytes_per_token,
@@ -178,19 +179,22 @@ def test_ppo_topologies_and_what_lora_sharing_saves():
     n = lora_params(shape, ("q", "v"), 16)
     sep = estimate(shape, "ppo", batch=2, seq=256)
     assert sep.topology == "separate"
-    assert [(p.params, p.trainable) for p in sep.parts] == [(p_lm, p_lm), (p_lm, 0), (p_cls, p_cls), (p_cls, 0)]
-    assert sep.weights == 2 * (2 * p_lm + 2 * p_cls) and sep.optimizer == 12 * (p_lm + p_cls)
+    assert [(p.params, p.trainable) for p in sep.parts] == [(p_lm, p_lm), (p_cls, p_cls), (p_lm, 0), (p_cls, 0)]
+    # without DeepSpeed PPO keeps fp32 weights (bf16 is autocast): 4 + 4 + 8 bytes per trained parameter;
+    # the reference is fp32 too and the in-process reward model always loads in fp32
+    assert sep.weights == 4 * (2 * p_lm + 2 * p_cls) and sep.optimizer == 8 * (p_lm + p_cls)
+    assert sep.gradients == 4 * (p_lm + p_cls)
     lora = estimate(shape, "ppo", method="lora", batch=2, seq=256)
     assert lora.topology == "lora"
     # one base serves policy, critic and reference; the reward model stays a separate frozen model
     assert [(p.params, p.trainable) for p in lora.parts] == [(p_lm, 0), (n, n), (n + h, n + h), (p_cls, 0)]
-    assert lora.weights == 2 * p_lm + 4 * (2 * n + h) + 2 * p_cls
+    assert lora.weights == 2 * p_lm + 4 * (2 * n + h) + 4 * p_cls
     assert lora.separate_total == sep.total and lora.total < sep.total
     shared = estimate(shape, "ppo", topology="shared", batch=2, seq=256)
     assert [(p.params, p.trainable) for p in shared.parts] == [(p_lm + h, p_lm + h), (p_lm, 0), (p_cls, 0)]
     assert shared.activations < sep.activations  # one backbone pass instead of policy + critic
     no_rm = estimate(shape, "ppo", batch=2, seq=256, reward_model=False)
-    assert no_rm.weights == sep.weights - 2 * p_cls
+    assert no_rm.weights == sep.weights - 4 * p_cls
     short = estimate(shape, "ppo", batch=2, seq=256, response_len=64)
     assert short.activations < sep.activations  # logits only for the response positions
     for bad in [dict(method="full", topology="lora"), dict(method="lora", topology="separate")]:
@@ -198,6 +202,102 @@ def test_ppo_topologies_and_what_lora_sharing_saves():
             estimate(shape, "ppo", **bad)
     with pytest.raises(ValueError, match="ppo only"):
         estimate(shape, "sft", topology="shared")
+
+
+def test_critic_free_estimators_hold_no_critic():
+    shape = ModelShape.from_config(QWEN25_05B)
+    p_lm, p_cls = count_params(shape, "lm"), count_params(shape, "score")
+    gae = estimate(shape, "ppo", batch=8, seq=256)
+    grpo = estimate(shape, "ppo", batch=8, seq=256, estimator="grpo", samples_per_prompt=4)
+    assert [p.name for p in grpo.parts] == ["policy", "reference (frozen)", "reward model (frozen), fp32"]
+    assert grpo.optimizer == 8 * p_lm and gae.optimizer == 8 * (p_lm + p_cls)
+    assert grpo.activations < gae.activations  # one backbone pass, no critic forward
+    # the rollout generates prompts x samples sequences (default: the update's batch); a 7B's KV cache shows it
+    big = ModelShape.from_config(LLAMA_7B)
+    kv = [estimate(big, "ppo", batch=8, seq=1024, estimator="grpo", samples_per_prompt=4, prompts=prompts)
+          for prompts in (2, 8)]
+    assert kv[1].rollout_total - kv[0].rollout_total == pytest.approx(
+        1.05 * 6 * 4 * 1024 * big.num_layers * 2 * big.hidden_size * 2)  # 24 more sequences, bf16 K and V
+    lora = estimate(shape, "ppo", method="lora", batch=8, seq=256, estimator="rloo", samples_per_prompt=2)
+    assert [p.name for p in lora.parts] == ["base = reference (frozen)", "policy adapter", "reward model (frozen), fp32"]
+    with pytest.raises(ValueError, match="samples-per-prompt >= 2"):
+        estimate(shape, "ppo", estimator="grpo")
+    with pytest.raises(ValueError, match="ppo only"):
+        estimate(shape, "sft", estimator="grpo", samples_per_prompt=2)
+
+
+# A 7B Llama (Llama-2-7B's shape): the case the issue measured as ~24 GiB low under ZeRO-3 on 8 GPUs
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000, "tie_word_embeddings": False,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "architectures": ["LlamaForCausalLM"]}
+
+
+def test_ppo_zero3_and_fsdp2_count_what_is_sharded_and_what_is_a_full_copy(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_7B))
+    shape = ModelShape.from_config(memory_command.load_config(config_json=str(path)))
+    p_lm, p_cls = count_params(shape, "lm"), count_params(shape, "score")
+    assert abs(p_lm - 6.74e9) / 6.74e9 < 0.01
+    run = dict(stage="ppo", gpus=8, batch=4, seq=1024, response_len=512)
+    z3 = estimate(shape, zero=3, **run)
+    assert [(p.name, p.sharded) for p in z3.parts] == [
+        ("policy", True), ("critic", True), ("reference (frozen)", True), ("reward model (frozen), fp32", False)]
+    # DeepSpeed's bf16 engine: trained models and the reference (TRL's prepare_deepspeed) in bf16, sharded 8 ways;
+    # the reward model a full fp32 copy on every GPU (24.6 GiB of the 30.4)
+    assert z3.weights == pytest.approx(2 * (2 * p_lm + p_cls) / 8 + 4 * p_cls)
+    assert z3.optimizer == pytest.approx(12 * (p_lm + p_cls) / 8) and z3.gradients == pytest.approx(2 * (p_lm + p_cls) / 8)
+    assert 4 * p_cls / GIB > 24  # what counting the reward model as sharded bf16 left out: 24.6 - 1.5 GiB
+    # generation gathers the policy and the critic whole (rlhf.distributed.gathered); the reference stays sharded
+    assert z3.rollout_weights == pytest.approx(2 * (p_lm + p_cls) + 2 * p_lm / 8 + 4 * p_cls)
+    fsdp = estimate(shape, fsdp2=True, **run)
+    # FSDP2 shards what fully_shard wraps (policy, critic: fp32, 4 + 4 + 8 bytes); reference and RM are full fp32
+    assert [(p.name, p.sharded) for p in fsdp.parts] == [
+        ("policy", True), ("critic", True), ("reference (frozen)", False), ("reward model (frozen), fp32", False)]
+    assert fsdp.weights == pytest.approx(4 * (p_lm + p_cls) / 8 + 4 * p_lm + 4 * p_cls)
+    assert (fsdp.gradients, fsdp.optimizer) == pytest.approx((4 * (p_lm + p_cls) / 8, 8 * (p_lm + p_cls) / 8))
+    assert fsdp.rollout_weights == pytest.approx(4 * (p_lm + p_cls) + 4 * p_lm + 4 * p_cls)
+    assert fsdp.total > z3.total  # its full fp32 reference alone is 25 GiB per GPU
+    with pytest.raises(ValueError, match="fsdp2"):
+        estimate(shape, fsdp2=True, topology="shared", **run)
+    critic_free = estimate(shape, fsdp2=True, estimator="grpo", samples_per_prompt=4, topology="shared", **run)
+    assert [p.name for p in critic_free.parts] == ["policy", "reference (frozen)", "reward model (frozen), fp32"]
+
+
+def test_verdict_names_the_cheapest_change_that_fits(tmp_path):
+    shape = ModelShape.from_config(LLAMA_7B)
+    run = dict(stage="ppo", zero=3, gpus=8, batch=4, seq=1024, response_len=512)
+    total = estimate(shape, **run).total
+    line, _ = memory.fit_verdict(shape, 1.01 * total, **run)
+    assert line.startswith("fits: ")
+    # each change in turn is the cheapest that fits: a device just big enough for it, and for none before it
+    smaller = estimate(shape, **{**run, "batch": 2, "grad_accum": 2}).total
+    line, est = memory.fit_verdict(shape, smaller + 1, **run)
+    assert "micro-batch 2 with gradient accumulation 2" in line and est.batch == 2
+    one = dict(stage="sft", zero=3, gpus=8, batch=1, seq=4096)  # no smaller micro-batch to try
+    ckpt = estimate(shape, **{**one, "checkpointing": True}).total
+    line, est = memory.fit_verdict(shape, ckpt + 1, **one)
+    assert "activation checkpointing" in line and est.checkpointing, line
+    sft = dict(stage="sft", batch=1, seq=256, zero=0, gpus=4, checkpointing=True)
+    lora = estimate(shape, **{**sft, "method": "lora"}).total
+    line, est = memory.fit_verdict(shape, lora + 1, **sft)
+    assert "LoRA" in line and est.method == "lora", line
+    line, est = memory.fit_verdict(shape, estimate(shape, **{**sft, "zero": 2}).total + 1, **{**sft, "method": "full"})
+    assert "LoRA" in line  # LoRA comes before a ZeRO stage: cheaper in communication
+    big = dict(sft, method="qlora")  # already LoRA: only ZeRO is left
+    z1 = estimate(shape, **{**big, "zero": 1}).total
+    line, est = memory.fit_verdict(shape, z1 + 1, **big)
+    assert "ZeRO-1" in line and est.zero == 1, line
+    line, est = memory.fit_verdict(shape, GIB, **run)
+    assert line.startswith("does not fit") and "no single change" in line and est is None
+    cfg = tmp_path / "llama.json"
+    cfg.write_text(json.dumps(LLAMA_7B))
+    out = _cli("--config-json", str(cfg), "--stage", "ppo", "--zero", "3", "--gpus", "8", "--batch", "4", "--seq",
+               "1024", "--response-len", "512", "--device-memory", "80")
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("does not fit: ") and "cheapest change that fits: micro-batch 2" in last, out.stdout
+    bad = _cli("--config-json", str(cfg), "--device-memory", "0")
+    assert bad.returncode == 2 and "--device-memory" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _cli(*args, timeout=120):
@@ -328,8 +428,107 @@ CASES = {  # (stage, method, attention); batch 8 x seq 128, fp32
 }
 
 
+# One PPO update micro-step with the project's own pieces (rlhf/ppo/actor_critic.py's wrappers, forward_response's
+# chunked logprobs and detached entropy, AdamW over policy_parameters + critic_parameters), the frozen reference
+# and the fp32 reward model held as the trainer holds them; the same peak-RSS method as above.
+MEASURE_PPO = textwrap.dedent("""
+    import gc, json, sys
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from rlhf.ppo.actor_critic import LoraActorCritic, PolicyOnly, SeparateActorCritic, SharedActorCritic
+    from rlhf.ppo.rollout import forward_response
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    spec = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**spec["config"])
+    b, lq, lr = spec["batch"], spec["query"], spec["response"]
+    query = torch.randint(1, cfg.vocab_size, (b, lq))
+    qmask = torch.ones_like(query)
+    qmask[0, :16] = 0  # left-padded prompts, as the rollout makes
+    response = torch.randint(1, cfg.vocab_size, (b, lr))
+    rmask = torch.ones_like(response)
+    rmask[0, -16:] = 0
+    advantages = torch.randn(b, lr)
+    gc.collect()
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    policy = LlamaForCausalLM(cfg)
+    topology, critic = spec["topology"], spec["critic"]
+    reference = LlamaForCausalLM(cfg).requires_grad_(False) if topology != "lora" else None
+    reward_model = LlamaForSequenceClassification(cfg).requires_grad_(False)  # held for the rollout
+    head = torch.nn.Linear(cfg.hidden_size, 1, bias=False)
+    if topology == "lora":
+        from peft import LoraConfig, get_peft_model
+        lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM")
+        peft_model = get_peft_model(policy, LoraConfig(**lora))
+        if critic:
+            peft_model.add_adapter("critic", LoraConfig(**lora))
+        model = LoraActorCritic(peft_model, head if critic else None)
+    elif not critic:
+        model = PolicyOnly(policy)
+    elif topology == "shared":
+        model = SharedActorCritic(policy, head)
+    else:
+        model = SeparateActorCritic(policy, LlamaForSequenceClassification(cfg))
+    model.train()
+    groups = [{"params": g} for g in (model.policy_parameters(), model.critic_parameters()) if g]
+    opt = torch.optim.AdamW(groups, lr=1e-5)
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    logprobs, values, entropy = forward_response(model, query, qmask, response, rmask, 1.0, with_values=True,
+                                                 with_entropy=True)
+    loss = -(logprobs * advantages * rmask).sum() / rmask.sum()
+    if critic:
+        loss = loss + ((values - advantages) ** 2 * rmask).sum() / rmask.sum()
+    loss.backward()
+    opt.step()
+    print(json.dumps({"peak": status("VmHWM") - base}))
+""")
+PPO_CASES = {  # (method, topology, estimator); batch 8 x (64 prompt + 64 response), fp32, sdpa
+    "ppo-separate": ("full", "separate", "gae"),
+    "ppo-shared": ("full", "shared", "gae"),
+    "ppo-lora": ("lora", "lora", "gae"),
+    "ppo-grpo": ("full", "separate", "grpo"),
+}
+
+
+def _measure(script: str, spec: dict, env: dict) -> int:
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-def test_estimate_within_30_percent_of_measured_peak_memory():
+def test_ppo_estimate_within_10_percent_of_measured_peak_memory():
+    batch, query, response = 8, 64, 64
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+    shape = ModelShape.from_config({"model_type": "llama", **TINY})
+    rows, failures = [], []
+    for name, (method, topology, estimator) in PPO_CASES.items():
+        spec = {"topology": topology, "critic": estimator == "gae", "batch": batch, "query": query,
+                "response": response, "config": {**TINY, "attn_implementation": "sdpa"}}
+        measured = _measure(MEASURE_PPO, spec, env)
+        est = estimate(shape, "ppo", method, "fp32", batch=batch, seq=query + response, response_len=response,
+                       topology=topology, estimator=estimator, samples_per_prompt=2 if estimator != "gae" else 1)
+        rows.append(f"{name:<20} measured {measured / 2**20:8.1f} MiB  estimated update {est.update_total / 2**20:8.1f} "
+                    f"MiB  ratio {est.update_total / measured:.3f}")
+        if abs(est.update_total - measured) > 0.1 * measured:
+            failures.append(name)
+    print("\n".join(rows))
+    assert not failures, "\n".join(rows)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+def test_estimate_within_10_percent_of_measured_peak_memory():
     batch, seq = 8, 128
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
     # the three measurements are independent processes: run them side by side
@@ -349,7 +548,7 @@ def test_estimate_within_30_percent_of_measured_peak_memory():
         est = estimate(shape, stage, method, "fp32", zero=0, gpus=1, batch=batch, seq=seq, attn=attn).total
         rows.append(f"{name:<20} measured {measured / 2**20:8.1f} MiB  estimated {est / 2**20:8.1f} MiB  "
                     f"ratio {est / measured:.2f}")
-        if abs(est - measured) > 0.3 * measured:
+        if abs(est - measured) > 0.1 * measured:
             failures.append(name)
     print("\n".join(rows))
     assert not failures, "\n".join(rows)
