@@ -6,7 +6,7 @@
     python benchmarks/estimators.py demo [--sft DIR --reward DIR]  # configs/demo/{ppo,grpo,rloo}.yaml
     python benchmarks/estimators.py memory trl demo                # all three
 
-``memory`` and ``trl`` use a scratch Llama of 8 layers x 512 hidden (28M parameters, built offline like
+``memory`` and ``trl`` use a scratch Llama of 8 layers x 512 hidden (26.5M parameters, built offline like
 ``tiny:demo``, with the demo tokenizer), large enough that weights, gradients and AdamW state dominate the
 process, and a reward model that is ``AutoModelForSequenceClassification`` of it (saved once, loaded by every
 worker). Each configuration runs in its own fresh subprocess, so its peak RSS (``ru_maxrss``) is its own.
@@ -167,7 +167,7 @@ def memory_part(spec: str, estimators: list[str], threads: int | None) -> str:
         lines.append(f"{r['estimator']:<14}{'yes' if r['has_critic'] else 'no':>8}{r['rss_after_imports_mb']:>19.0f}"
                      f"{r['peak_rss_mb']:>13.0f}{above:>15.0f}{r['peak_rss_mb'] / base['peak_rss_mb']:>12.2f}"
                      f"{above / base_above:>13.2f}")
-    lines += ["", f"same settings for all: 8x512 Llama policy (28M params) + reference + RM of the same size, fp32 CPU; "
+    lines += ["", f"same settings for all: 8x512 Llama policy (26.5M params) + reference + RM of the same size, fp32 CPU; "
               f"{SETTINGS['prompts_per_step']} prompts x {SETTINGS['samples_per_prompt']} replies, "
               f"{SETTINGS['max_new_tokens']} new tokens, {SETTINGS['epochs']} epochs x 1 minibatch, KL in the "
               "reward (k1) for all; gae adds the separate critic (from the RM) and its AdamW state.",
