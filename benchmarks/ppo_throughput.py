@@ -151,7 +151,7 @@ def worker(spec_path: str) -> None:
         save_every=0,
     )
     tokenizer = load_tokenizer(spec["policy"])
-    trainer = PPOTrainer(cfg, spec["prompts"], tokenizer)
+    trainer = PPOTrainer(cfg, [{"prompt": p} for p in spec["prompts"]], tokenizer)  # prompt records
     rss_loaded = peak_rss_mb()
     stamps, cpu, tokens, phases = [], [], [], []
 
