@@ -31,6 +31,9 @@ COMMANDS = {
                         "rlhf.memory_command:main"),
 }
 
+# commands that never ask the Hub: no probe
+OFFLINE_COMMANDS = {"data"}
+
 
 def usage() -> str:
     from . import __version__
@@ -60,9 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"rlhf: unknown command {argv[0]!r}{hint} (rlhf --help lists them)", file=sys.stderr)
         return 2
+    from .errors import UsageError, report
+
+    if argv[0] not in OFFLINE_COMMANDS:
+        from .hub import hub_offline
+
+        hub_offline()  # probed once, before any Hub request can start retrying
     module, _, function = COMMANDS[argv[0]][1].partition(":")
-    command = getattr(importlib.import_module(module), function)
-    result = command(argv[0], argv[1:]) if argv[0] in STAGES else command(argv[1:])
+    try:
+        command = getattr(importlib.import_module(module), function)
+        result = command(argv[0], argv[1:]) if argv[0] in STAGES else command(argv[1:])
+    except UsageError as e:
+        return report(f"rlhf {argv[0]}", e)
     return result if isinstance(result, int) else 0
 
 
