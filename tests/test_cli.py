@@ -77,3 +77,31 @@ def test_under_accelerate_launch_the_child_says_it_once():
     errors = [line for line in result.stderr.splitlines() if line.startswith("rlhf ppo: error: ")]
     assert errors == ["rlhf ppo: error: unknown key 'clip_rang' on the command line; did you mean 'clip_range'? "
                       "(rlhf ppo --help lists the keys)"]
+
+
+def without_offline_variables(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    # a Hub that refuses connections at once: unreachable by construction, wherever the test runs
+    return {**env, "PYTHONPATH": str(REPO), "HF_ENDPOINT": "http://127.0.0.1:9", **extra}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_an_offline_dry_run_goes_offline_at_once_without_hf_hub_offline(recipe):
+    result = subprocess.run([sys.executable, "-m", "rlhf", "pipeline", "--config", str(recipe), "--dry-run"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, env=without_offline_variables())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "dry run: 0 problem(s)" in result.stdout
+    assert result.stderr.count("cannot be reached (127.0.0.1:9): running offline as with HF_HUB_OFFLINE=1") == 1
+    # no Hub request was made (one would retry, then log its failure)
+    assert "Retrying" not in result.stderr and "MaxRetryError" not in result.stderr + result.stdout
+    if "Qwen/" in recipe.read_text():  # the dry run warns exactly as the stage will fail
+        assert "WARNING: model_name_or_path=Qwen/" in result.stdout and "not in the local cache" in result.stdout
+
+
+def test_a_stage_offline_fails_at_once_on_an_uncached_hub_model():
+    result = subprocess.run([sys.executable, "-m", "rlhf", "reward", "demo/reward.yaml",
+                             "model_name_or_path=Qwen/Qwen2.5-0.5B"], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env=without_offline_variables())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("rlhf reward: error: model_name_or_path=Qwen/Qwen2.5-0.5B: not a "
+                                                     "local directory, and offline (HF_HUB_OFFLINE=1)")
