@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .errors import UsageError, report
 
-    if argv[0] not in OFFLINE_COMMANDS:
+    if argv[0] not in OFFLINE_COMMANDS and not {"-h", "--help"} & set(argv):
         from .hub import hub_offline
 
         hub_offline()  # probed once, before any Hub request can start retrying

@@ -314,8 +314,8 @@ def stage_help(parser, stage: str, common_keys: tuple[str, ...]) -> str:
              "keys changed most:"]
     for key in common_keys:
         action = actions[key]
-        text = " ".join((action.help or "").replace("%%", "%").split())
-        lines.append(f"  {key:<{width}}  {text[:150]} (default: {action.default!r})")
+        text = " ".join((action.help or "").replace("%%", "%").split()).split(". ")[0].rstrip(".")
+        lines.append(f"  {key:<{width}}  {text} (default: {action.default!r})")
     return "\n".join(lines + ["", "every key:", parser.format_help()])
 
 
@@ -379,3 +379,15 @@ def resolved_config(*objs) -> dict:
 
 def format_config(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=120)
+
+
+def save_config(config: dict, output_dir: str) -> str:
+    """Write the resolved configuration to ``OUTPUT/config.yaml`` (the main process calls it): the record of
+    what the run used, defaults included."""
+    import os
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(format_config(config))
+    return path

@@ -14,7 +14,7 @@ import sys
 USAGE_EXIT = 2
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A mistake in what the user asked for; its message is the whole report (one line)."""
 
     def __str__(self) -> str:

@@ -105,3 +105,29 @@ def test_a_stage_offline_fails_at_once_on_an_uncached_hub_model():
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith("rlhf reward: error: model_name_or_path=Qwen/Qwen2.5-0.5B: not a "
                                                      "local directory, and offline (HF_HUB_OFFLINE=1)")
+
+
+@pytest.mark.parametrize("stage, keys", [("ppo", ["ppo_epochs", "clip_range", "gamma", "kl_coef"]),
+                                         ("sft", ["learning_rate", "num_train_epochs", "finetune"])])
+def test_stage_help_starts_with_the_usage_and_the_keys_changed_most(stage, keys):
+    result = rlhf(stage, "--help")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"usage: rlhf {stage} --config FILE [key=value ...]")
+    common = lines[lines.index("keys changed most:") + 1:lines.index("every key:")]
+    for key in keys:
+        line = next(line for line in common if line.split()[0] == key)
+        assert "(default: " in line and len(line.split()) > 3, line  # a help text and the default
+
+
+def test_a_positional_config_is_the_config_and_the_run_saves_its_resolved_config(tmp_path):
+    out = tmp_path / "sft"
+    result = rlhf("sft", "configs/demo/sft.yaml", f"output_dir={out}", "max_steps=1", "eval_strategy=no",
+                  "num_sample_generations=0", "gold_eval_prompts=0", "report_to=none", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["ModelConfig"]["model_name_or_path"] == "tiny:demo"  # from the positional file, not TRL's default
+    assert saved["SFTConfig"]["learning_rate"] == 5.0e-3 and saved["SFTConfig"]["max_steps"] == 1
+    assert saved["SFTScriptArguments"]["num_sample_generations"] == 0
