@@ -29,10 +29,14 @@ COMMANDS = {
                "rlhf.model_import:main"),
     "estimate-memory": ("memory per device for a model, stage and method (no weights downloaded)",
                         "rlhf.memory_command:main"),
+    "chat": ("talk to a trained model: rlhf chat --model DIR (multi-turn over stdin)", "rlhf.chat:main"),
+    "export": ("merge a LoRA adapter into a standard model: rlhf export --adapter DIR --out DIR",
+               "rlhf.chat:export_main"),
+    "env": ("versions and devices, for bug reports", "rlhf.chat:env_main"),
 }
 
 # commands that never ask the Hub: no probe
-OFFLINE_COMMANDS = {"data"}
+OFFLINE_COMMANDS = {"data", "env", "export"}  # export probes only to push
 
 
 def usage() -> str:

@@ -131,3 +131,73 @@ def test_a_positional_config_is_the_config_and_the_run_saves_its_resolved_config
     assert saved["ModelConfig"]["model_name_or_path"] == "tiny:demo"  # from the positional file, not TRL's default
     assert saved["SFTConfig"]["learning_rate"] == 5.0e-3 and saved["SFTConfig"]["max_steps"] == 1
     assert saved["SFTScriptArguments"]["num_sample_generations"] == 0
+
+
+def chat(stdin: str, *flags: str):
+    return subprocess.run([sys.executable, "-m", "rlhf", "chat", "--model", "tiny:demo", "--temperature", "1",
+                           "--max-new-tokens", "8", *flags], input=stdin, capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def replies(result) -> list[str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.startswith("model> ")]
+
+
+def test_chat_over_piped_stdin_keeps_the_conversation_and_reset_forgets_it():
+    first, second = "What is 2 + 2?", "And 3 + 3?"
+    both = replies(chat(f"{first}\n{second}\n"))
+    reset = replies(chat(f"{first}\n/reset\n{second}\n"))
+    alone = replies(chat(f"{second}\n"))
+    assert len(both) == 2 and len(reset) == 2 and len(alone) == 1
+    assert reset[1] == alone[0]  # after /reset the model sees only the new turn
+    assert both[1] != alone[0]  # without it, the first turn is part of the prompt
+
+
+def test_chat_refuses_a_missing_model_in_one_line():
+    assert_one_line_usage_error(subprocess.run(
+        [sys.executable, "-m", "rlhf", "chat", "--model", "no/such/policy"], capture_output=True, text=True,
+        cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}), "no such directory", "rlhf chat: ")
+
+
+def test_export_merges_a_lora_adapter_into_a_model_with_the_same_logits(tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    base, tokenizer = load_causal_lm("tiny:demo"), load_tokenizer("tiny:demo")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # a trained-looking adapter: lora_B starts at zero, which would merge to the base
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    adapter, out = tmp_path / "adapter", tmp_path / "merged"
+    peft_model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    result = rlhf("export", "--adapter", adapter, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "adapter_config.json").exists()
+    ids = torch.tensor([tokenizer("hello there, how are you?")["input_ids"]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    reloaded = PeftModel.from_pretrained(load_causal_lm("tiny:demo"), adapter).eval()
+    with torch.no_grad():
+        expected, got = reloaded(ids).logits, merged(ids).logits
+    assert (expected - load_causal_lm("tiny:demo")(ids).logits).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_a_directory_without_an_adapter(tmp_path):
+    assert_one_line_usage_error(rlhf("export", "--adapter", tmp_path, "--out", tmp_path / "o"),
+                                "no adapter_config.json there", "rlhf export: ")
+
+
+def test_env_lists_versions_and_devices():
+    result = rlhf("env")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    import torch
+
+    assert fields["torch"] == torch.__version__ and fields["python"].startswith(sys.version.split()[0])
+    assert {"transformers", "trl", "peft", "accelerate", "deepspeed", "vllm", "devices"} <= set(fields)
