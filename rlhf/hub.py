@@ -81,7 +81,7 @@ def check_model_source(key: str, name: str | None) -> str | None:
     """Raise ``UsageError`` for a model that cannot be loaded here; a note for a Hub model, else None."""
     if not name or name.startswith(("tiny:", "gguf:")) or os.path.exists(os.path.expanduser(name)):
         return None
-    if is_local_path(name, (".gguf",)) or name.count("/") != 1:
+    if is_local_path(name, (".gguf",)):  # a bare name may be a Hub id (gpt2): judged below
         raise UsageError(f"{key}={name}: no such directory (relative to {os.getcwd()}); give the path of a model "
                          "directory (an earlier stage's output_dir) or a Hub id such as Qwen/Qwen2.5-0.5B")
     if hub_offline() and not in_hub_cache(name):
