@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 from trl import RewardTrainer
 
-from rlhf.config import RewardScriptArguments, format_config, resolved_config
+from rlhf.config import RewardScriptArguments, format_config, resolved_config, save_config
 from rlhf.data.sources import resolve_stage_data
 from rlhf.distributed import parallelism, process_state, whole_model_loading
 from rlhf.tracking import init_wandb, log_summary
@@ -98,7 +98,8 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     is_main = state.is_main_process
     config = resolved_config(script_args, model_args, training_args)
     if is_main:
-        print("resolved config:\n" + format_config(config))
+        saved = save_config(config, training_args.output_dir)
+        print(f"resolved config (saved as {saved}):\n{format_config(config)}")
     run = init_wandb(training_args.output_dir, script_args.wandb_project, script_args.wandb_group,
                      training_args.run_name or "reward", config, is_main) if "wandb" in (training_args.report_to or []) else None
     with state.main_process_first():

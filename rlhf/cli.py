@@ -29,7 +29,14 @@ COMMANDS = {
                "rlhf.model_import:main"),
     "estimate-memory": ("memory per device for a model, stage and method (no weights downloaded)",
                         "rlhf.memory_command:main"),
+    "chat": ("talk to a trained model: rlhf chat --model DIR (multi-turn over stdin)", "rlhf.chat:main"),
+    "export": ("merge a LoRA adapter into a standard model: rlhf export --adapter DIR --out DIR",
+               "rlhf.chat:export_main"),
+    "env": ("versions and devices, for bug reports", "rlhf.chat:env_main"),
 }
+
+# commands that never ask the Hub: no probe
+OFFLINE_COMMANDS = {"data", "env", "export"}  # export probes only to push
 
 
 def usage() -> str:
@@ -60,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"rlhf: unknown command {argv[0]!r}{hint} (rlhf --help lists them)", file=sys.stderr)
         return 2
+    from .errors import UsageError, report
+
+    if argv[0] not in OFFLINE_COMMANDS and not {"-h", "--help"} & set(argv):
+        from .hub import hub_offline
+
+        hub_offline()  # probed once, before any Hub request can start retrying
     module, _, function = COMMANDS[argv[0]][1].partition(":")
-    command = getattr(importlib.import_module(module), function)
-    result = command(argv[0], argv[1:]) if argv[0] in STAGES else command(argv[1:])
+    try:
+        command = getattr(importlib.import_module(module), function)
+        result = command(argv[0], argv[1:]) if argv[0] in STAGES else command(argv[1:])
+    except UsageError as e:
+        return report(f"rlhf {argv[0]}", e)
     return result if isinstance(result, int) else 0
 
 

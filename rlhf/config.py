@@ -1,7 +1,7 @@
 """Every stage's configuration: dataclasses parsed from YAML, then command-line overrides, by ``trl.TrlParser``.
 
-Overrides may be written ``--key value`` or ``key=value``; unknown keys (in the YAML file or on the
-command line) are errors. The SFT and reward stages also take every field of TRL's ``ModelConfig`` and
+Overrides may be written ``--key value`` or ``key=value``, the config ``--config FILE`` or as the first
+argument; unknown keys (in the YAML file or on the command line) are one-line errors with "did you mean". The SFT and reward stages also take every field of TRL's ``ModelConfig`` and
 ``SFTConfig`` / ``RewardConfig``; PPO, which TRL no longer has, is ``PPOConfig`` below. Each stage writes
 its resolved configuration to ``OUTPUT/config.yaml`` and to W&B.
 """
@@ -294,19 +294,78 @@ def normalize_overrides(argv: list[str], known: set[str] | None = None) -> list[
     return out
 
 
-def parse_stage_args(dataclass_types: list, argv: list[str] | None = None):
-    """Parse ``--config FILE`` plus overrides into the given dataclasses (unknown keys raise)."""
+def _unknown_keys(remaining: list[str]) -> list[str]:
+    return [a[2:] for a in remaining if a.startswith("--")] or remaining
+
+
+def _raise_usage(message: str):
+    from .errors import UsageError
+
+    raise UsageError(message)
+
+
+def stage_help(parser, stage: str, common_keys: tuple[str, ...]) -> str:
+    """``rlhf STAGE --help``: the usage, the keys users change most (help and default), then every key."""
+    actions = {a.dest: a for a in parser._actions}
+    width = max(map(len, common_keys), default=0)
+    lines = [f"usage: rlhf {stage} --config FILE [key=value ...]   (also: rlhf {stage} FILE [key=value ...])", "",
+             "FILE is a YAML of keys; key=value (or --key value) overrides it; unknown keys are errors.",
+             f"Shipped examples: configs/demo/{stage}.yaml, configs/recipes/*/{stage}.yaml.", "",
+             "keys changed most:"]
+    for key in common_keys:
+        action = actions[key]
+        text = " ".join((action.help or "").replace("%%", "%").split()).split(". ")[0].rstrip(".")
+        lines.append(f"  {key:<{width}}  {text} (default: {action.default!r})")
+    return "\n".join(lines + ["", "every key:", parser.format_help()])
+
+
+def parse_stage_args(dataclass_types: list, argv: list[str] | None = None, stage: str = "stage",
+                     common_keys: tuple[str, ...] = ()):
+    """Parse ``--config FILE`` (or a first positional FILE) plus overrides into the given dataclasses.
+
+    Mistakes (no such config file, an unknown key in the YAML or on the command line, a value of the
+    wrong type, a value a dataclass refuses) raise ``rlhf.errors.UsageError``: one line with the fix.
+    """
+    import yaml
     from trl import TrlParser
 
+    from .errors import UsageError, did_you_mean
     from .paths import resolve_config
 
-    parser = TrlParser(dataclass_types)
+    # TRL's SFTConfig/RewardConfig default gradient_checkpointing=True, which transformers 5 calls deprecated:
+    # a warning about TRL's default, not the user's config
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+    parser = TrlParser(dataclass_types, prog=f"rlhf {stage}")
+    parser.allow_abbrev = False  # `clip_rang=0.1` is a typo to report, not a prefix of clip_range to guess
+    parser.error = _raise_usage  # argparse would print its usage block and exit; one line is enough
     known = {s for action in parser._actions for s in action.option_strings} | {"--config"}
-    argv = normalize_overrides(list(sys.argv[1:] if argv is None else argv), known)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(stage_help(parser, stage, common_keys))
+        raise SystemExit(0)
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:  # `rlhf sft configs/demo/sft.yaml`
+        argv.insert(0, "--config")
+    argv = normalize_overrides(argv, known)
     if "--config" in argv[:-1]:  # a path, or the name of a shipped config ("demo/ppo.yaml")
         at = argv.index("--config") + 1
-        argv[at] = resolve_config(argv[at])
-    return parser.parse_args_and_config(argv)
+        try:
+            argv[at] = resolve_config(argv[at])
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; give an existing YAML file (the shipped ones are under configs/)") from None
+    names = sorted(o[2:] for o in known if o.startswith("--") and "-" not in o[2:])
+    try:
+        *parsed, from_yaml, from_command_line = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except yaml.YAMLError as e:
+        raise UsageError(f"{argv[argv.index('--config') + 1]}: not valid YAML: {e}") from None
+    except ValueError as e:  # a dataclass's own check (__post_init__), or TRL's "must contain a YAML mapping"
+        raise UsageError(f"{e}") from None
+    for where, remaining in (("in the config file", from_yaml), ("on the command line", from_command_line)):
+        if remaining:
+            key = _unknown_keys(remaining)[0]
+            raise UsageError(f"unknown key {key!r} {where}{did_you_mean(key, names)} "
+                             f"(rlhf {stage} --help lists the keys)")
+    return parsed
 
 
 def resolved_config(*objs) -> dict:
@@ -320,3 +379,15 @@ def resolved_config(*objs) -> dict:
 
 def format_config(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=True, allow_unicode=True, width=120)
+
+
+def save_config(config: dict, output_dir: str) -> str:
+    """Write the resolved configuration to ``OUTPUT/config.yaml`` (the main process calls it): the record of
+    what the run used, defaults included."""
+    import os
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(format_config(config))
+    return path

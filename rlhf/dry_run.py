@@ -1,13 +1,18 @@
 """Dry run of one stage: parse and validate its configuration, then resolve its models and data.
 
-Nothing is trained or downloaded. A Hub model or dataset that cannot be reached (no network, as in CI)
-is reported and not counted as a problem; a local path that does not exist, an unknown config key, a
-batch size that does not divide, or a data file that fails validation is.
+Nothing is trained or downloaded. A Hub model or dataset that cannot be reached (no network, as in CI) is
+judged as the stage judges it (``rlhf.hub``): offline and not cached, the stage's own error is printed as a
+warning and not counted as a problem, since the run may have network; a local path that does not exist, an
+unknown config key, a batch size that does not divide, or a data file that fails validation is.
 """
 
 from __future__ import annotations
 
+from .errors import UsageError
+from .hub import check_dataset_source, check_model_source
 from .paths import is_local_path
+
+RUN_TIME = "not counted: with network the run fetches it"
 
 
 def check_model(label: str, path: str | None, produced: set[str]) -> int:
@@ -19,16 +24,24 @@ def check_model(label: str, path: str | None, produced: set[str]) -> int:
     if path.startswith("tiny:"):
         print(f"  {label}: {path} (built offline)")
         return 0
+    if path.startswith("gguf:"):
+        print(f"  {label}: {path} (converted from the GGUF package at run time)")
+        return 0
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # offline Hub, missing directory: tell which
+        check_model_source(label, path)
+    except UsageError as e:
         if is_local_path(path):
-            print(f"  {label}: {path}: PROBLEM: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            print(f"  {label}: PROBLEM: {e}")
             return 1
-        print(f"  {label}: {path} (Hub model; not reachable now, fetched at run time)")
+        print(f"  {label}: WARNING: {e} ({RUN_TIME})")
         return 0
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # a directory that is not a model
+        print(f"  {label}: {path}: PROBLEM: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return 1
     print(f"  {label}: {path} ({config.model_type}, hidden {getattr(config, 'hidden_size', '?')}, "
           f"layers {getattr(config, 'num_hidden_layers', '?')})")
     return 0
@@ -40,7 +53,10 @@ def check_data(args, kind: str) -> int:
     from .data.sources import resolve_stage_data
 
     if args.dataset != "demo" and not is_local_path(args.dataset, FILE_LIKE_SUFFIXES):
-        print(f"  dataset: {args.dataset} (Hub dataset; not reachable now, loaded at run time)")
+        try:
+            print(f"  {check_dataset_source(args.dataset)}")
+        except UsageError as e:
+            print(f"  dataset: WARNING: {e} ({RUN_TIME})")
         return 0
     try:
         train, held_out, _, lines = resolve_stage_data(args, kind)
@@ -55,7 +71,7 @@ def check_data(args, kind: str) -> int:
 def check_stage(stage, argv: list[str], produced: set[str], world_size: int = 1) -> int:
     try:
         parsed = stage.parse(argv)  # on a CPU-only machine bf16 configs validate too (stages.cpu_training_arguments)
-    except (ValueError, SystemExit) as e:
+    except (ValueError, SystemExit, UsageError) as e:
         print(f"  config: PROBLEM: {e}")
         return 1
     print(f"  config: {argv[1]} parsed ({', '.join(type(p).__name__ for p in parsed)})")

@@ -14,7 +14,7 @@ import time
 
 from transformers import TrainerCallback
 
-from .config import SFTScriptArguments, format_config, resolved_config
+from .config import SFTScriptArguments, format_config, resolved_config, save_config
 from .data.demo_task import demo_data_paths, gold_rewards
 from .data.sources import resolve_stage_data
 from .distributed import parallelism, process_state, whole_model_loading
@@ -128,7 +128,8 @@ def run_sft(script_args: SFTScriptArguments, model_args, training_args) -> dict:
             demo_data_paths(script_args.demo_seed)
     config = resolved_config(script_args, model_args, training_args)
     if is_main:
-        print("resolved config:\n" + format_config(config))
+        saved = save_config(config, training_args.output_dir)
+        print(f"resolved config (saved as {saved}):\n{format_config(config)}")
     run = init_wandb(training_args.output_dir, script_args.wandb_project, script_args.wandb_group,
                      training_args.run_name or "sft", config, is_main) if "wandb" in (training_args.report_to or []) else None
     trainer, tokenizer, base_path, gold_prompts = build_trainer(script_args, model_args, training_args, run, is_main)

@@ -22,6 +22,7 @@ class Stage:
     summary_file: str = ""  # written into output_dir
     # (label, summary key) pairs the pipeline's table shows for this stage
     figures: tuple[tuple[str, str], ...] = ()
+    common_keys: tuple[str, ...] = ()  # shown first by ``rlhf <stage> --help``
 
     def config_types(self) -> list[type]:
         from . import config
@@ -41,7 +42,7 @@ class Stage:
         argv = list(sys.argv[1:] if argv is None else argv)
         if self.name != "ppo":  # TrainingArguments on a machine without a GPU
             argv += cpu_training_arguments(argv)
-        return tuple(parse_stage_args(self.config_types(), argv))
+        return tuple(parse_stage_args(self.config_types(), argv, self.name, self.common_keys))
 
     def run(self, parsed: tuple) -> dict:
         module, _, function = self.runner.partition(":")
@@ -68,24 +69,49 @@ def cpu_training_arguments(argv: list[str]) -> list[str]:
     return extra
 
 
+# the keys of the SFT and reward stages (TRL's trainers) users change most
+TRAINER_KEYS = ("model_name_or_path", "dataset", "finetune", "output_dir", "learning_rate", "num_train_epochs",
+                "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "report_to")
+
 STAGES: dict[str, Stage] = {
     "sft": Stage(
         "sft", "supervised fine-tuning on demonstrations (trl.SFTTrainer)", "rlhf.sft:run_sft", "sft",
-        ("model_name_or_path",), summary_file="sft_summary.json",
+        ("model_name_or_path",), summary_file="sft_summary.json", common_keys=TRAINER_KEYS + ("max_length",),
         figures=(("train loss", "train_loss"), ("eval loss", "eval_loss"))),
     "reward": Stage(
         "reward", "reward model on preference pairs (trl.RewardTrainer)", "reward_models.train:run_reward",
         "preference", ("model_name_or_path",), inputs={"model_name_or_path": "sft"},
-        summary_file="reward_summary.json",
+        summary_file="reward_summary.json", common_keys=TRAINER_KEYS + ("max_length", "label_smoothing"),
         figures=(("held-out accuracy", "eval/accuracy"), ("mean margin", "eval/mean_margin"),
                  ("truncated pairs", "truncated_pairs"))),
     "ppo": Stage(
         "ppo", "PPO against the reward model under a KL penalty (ours, on accelerate)", "rlhf.ppo.stage:run_ppo",
         "prompt", ("model_name_or_path", "ref_model", "reward_model", "critic_model"),
         inputs={"model_name_or_path": "sft", "reward_model": "reward"}, summary_file="ppo_summary.json",
+        common_keys=("model_name_or_path", "reward_model", "dataset", "output_dir", "advantage_estimator", "batch_size",
+                     "max_steps", "learning_rate", "ppo_epochs", "clip_range", "kl_coef", "gamma", "lam",
+                     "max_new_tokens", "topology", "report_to"),
         # the policies' rewards come from the pipeline's one evaluation (rlhf.pipeline_eval), not from here
         figures=(("final KL", "ppo/kl"),)),
 }
+
+
+def check_sources(stage: Stage, parsed: tuple) -> list[str]:
+    """Models and Hub datasets this stage reads, judged before anything loads (``rlhf.hub``): a missing
+    path or, offline, an uncached Hub name raises ``UsageError``. Returns notes on Hub names."""
+    from .data.readers import FILE_LIKE_SUFFIXES
+    from .hub import check_dataset_source, check_model_source
+    from .paths import is_local_path
+
+    notes = []
+    for key in stage.model_keys:
+        holder = next(p for p in parsed if hasattr(p, key))
+        notes.append(check_model_source(key, getattr(holder, key)))
+    args = parsed[0]
+    for name in (args.dataset, args.eval_dataset, getattr(args, "ptx_dataset", None)):
+        if name and name != "demo" and not is_local_path(name, FILE_LIKE_SUFFIXES):
+            notes.append(check_dataset_source(name))
+    return [n for n in notes if n]
 
 
 def stage_command(name: str, argv: list[str]) -> int:
@@ -94,13 +120,18 @@ def stage_command(name: str, argv: list[str]) -> int:
 
     import torch
 
+    from .errors import UsageError
     from .expected_noise import quiet_cpu_runs
     from .tracking import where_runs_went
 
+    stage = STAGES[name]
+    if not argv:
+        raise UsageError(f"no configuration given: rlhf {name} --config FILE [key=value ...] "
+                         f"(e.g. --config configs/demo/{name}.yaml; rlhf {name} --help lists the keys)")
     if not torch.cuda.is_available():
         quiet_cpu_runs()
-    stage = STAGES[name]
     parsed = stage.parse(argv)
+    check_sources(stage, parsed)
     stage.run(parsed)
     if os.environ.get("RANK", "0") == "0":  # the main process of a launch
         output_dir = next(p.output_dir for p in reversed(parsed) if getattr(p, "output_dir", None))

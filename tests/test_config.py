@@ -4,6 +4,7 @@ import pytest
 from trl import ModelConfig, SFTConfig
 
 from rlhf.config import SFTScriptArguments, normalize_overrides, parse_stage_args, resolved_config
+from rlhf.errors import UsageError
 from tests.conftest import REPO
 
 SFT_TYPES = [SFTScriptArguments, ModelConfig, SFTConfig]
@@ -35,12 +36,12 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 
 def test_unknown_command_line_key_is_an_error():
-    with pytest.raises((ValueError, SystemExit)):
+    with pytest.raises(UsageError, match="unknown key 'no_such_key' on the command line"):
         parse_stage_args(SFT_TYPES, ["--config", DEMO, "no_such_key=1"])
 
 
 def test_finetune_mode_is_validated():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="invalid choice: 'qlora-ish'"):
         parse_stage_args(SFT_TYPES, ["--config", DEMO, "finetune=qlora-ish"])
 
 

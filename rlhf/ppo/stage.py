@@ -13,7 +13,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..config import format_config, resolved_config
+from ..config import format_config, resolved_config, save_config
 from ..data.loading import load_records
 from ..data.sources import resolve_stage_data
 from ..distributed import (
@@ -112,7 +112,8 @@ def run_ppo(cfg) -> dict:
     config = resolved_config(cfg)
     if is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        print("resolved config:\n" + format_config(config))
+        saved = save_config(config, cfg.output_dir)
+        print(f"resolved config (saved as {saved}):\n{format_config(config)}")
         print("\n".join(lines))
         print(f"prompts: {len(train_prompts)} training, {len(eval_prompts)} held out; "
               f"per process: {trainer.sizes}")
