@@ -82,7 +82,8 @@ def check_model_source(key: str, name: str | None) -> str | None:
     if not name or name.startswith(("tiny:", "gguf:")) or os.path.exists(os.path.expanduser(name)):
         return None
     if is_local_path(name, (".gguf",)):  # a bare name may be a Hub id (gpt2): judged below
-        raise UsageError(f"{key}={name}: no such directory (relative to {os.getcwd()}); give the path of a model "
+        where = "" if os.path.isabs(os.path.expanduser(name)) else f" (relative to {os.getcwd()})"
+        raise UsageError(f"{key}={name}: no such directory{where}; give the path of a model "
                          "directory (an earlier stage's output_dir) or a Hub id such as Qwen/Qwen2.5-0.5B")
     if hub_offline() and not in_hub_cache(name):
         raise UsageError(f"{key}={name}: not a local directory, and offline (HF_HUB_OFFLINE=1) the Hub model is not "

@@ -53,7 +53,7 @@ def test_dry_run_reports_every_problem(tmp_path):
     result = dry_run(pipeline)
     assert result.returncode == 1
     assert "learning_rat" in result.stdout and "divisible" in result.stdout
-    assert "missing-rm: PROBLEM" in result.stdout  # no such directory, and no stage produces it
+    assert "missing-rm: no such directory;" in result.stdout  # and no stage produces it
     assert "dry run: 3 problem(s)" in result.stdout
     with pytest.raises(ValueError, match="STAGE.KEY=VALUE"):
         load_pipeline(str(pipeline), ["max_steps=3"])
