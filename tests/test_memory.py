@@ -376,7 +376,8 @@ def test_tiny_demo_resolves_through_the_model_factory(tmp_path, monkeypatch):
 # (a LoRA reward step: 494 MB by default, 335 MB with the setting below); MALLOC_MMAP_THRESHOLD_ gives
 # every block over 64 KiB its own mapping, returned on free, so peak RSS follows the live tensors --
 # what the estimate models, like torch.cuda.max_memory_allocated on a GPU.
-MEASURE = textwrap.dedent("""
+# what both measurements start with: imports, /proc/self/status, the spec, the seed, the config
+MEASURE_PREAMBLE = textwrap.dedent("""
     import gc, json, sys
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -388,6 +389,8 @@ MEASURE = textwrap.dedent("""
     spec = json.loads(sys.argv[1])
     torch.manual_seed(0)
     cfg = LlamaConfig(**spec["config"])
+""")
+MEASURE = MEASURE_PREAMBLE + textwrap.dedent("""
     rows = 2 * spec["batch"] if spec["stage"] == "reward" else spec["batch"]
     ids = torch.randint(1, cfg.vocab_size, (rows, spec["seq"]))
     mask = torch.ones_like(ids)
@@ -431,20 +434,9 @@ CASES = {  # (stage, method, attention); batch 8 x seq 128, fp32
 # One PPO update micro-step with the project's own pieces (rlhf/ppo/actor_critic.py's wrappers, forward_response's
 # chunked logprobs and detached entropy, AdamW over policy_parameters + critic_parameters), the frozen reference
 # and the fp32 reward model held as the trainer holds them; the same peak-RSS method as above.
-MEASURE_PPO = textwrap.dedent("""
-    import gc, json, sys
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+MEASURE_PPO = MEASURE_PREAMBLE + textwrap.dedent("""
     from rlhf.ppo.actor_critic import LoraActorCritic, PolicyOnly, SeparateActorCritic, SharedActorCritic
     from rlhf.ppo.rollout import forward_response
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-    spec = json.loads(sys.argv[1])
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**spec["config"])
     b, lq, lr = spec["batch"], spec["query"], spec["response"]
     query = torch.randint(1, cfg.vocab_size, (b, lq))
     qmask = torch.ones_like(query)
