@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="longer pairs are cut from the left")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype while scoring (bfloat16: ~4x faster on CPUs with AVX512-BF16)")
     p.add_argument("--output-dir", default="runs/eval-rm", help="gets calibration.png and eval_rm.json")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     return p
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
+    scorer = RewardScorer(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length)
     result = evaluate_pairs(scorer, pairs, batch_size=args.batch_size)
     print_report(result, title=f"{args.model} (revision {scorer.revision}) on {len(pairs)} pairs")
     print(f"pairs truncated from the left to max_length={scorer.max_length}: {result['truncated_pairs']} of {len(pairs)}")

@@ -144,11 +144,13 @@ def run_reward(script_args: RewardScriptArguments, model_args, training_args) ->
     state.wait_for_everyone()
     if is_main:
         with whole_model_loading():  # this process alone scores: no ZeRO-3 partitioning
-            scorer = RewardScorer(out, device=str(state.device), max_length=training_args.max_length)
+            # scored in the precision it trained in: bf16 runs ~4x fp32 on CPUs with AVX512-BF16
+            scorer = RewardScorer(out, device=str(state.device), max_length=training_args.max_length,
+                                  dtype="bfloat16" if training_args.bf16 else "float32")
         sample = train_rows[: script_args.stats_max_pairs]
         mean, std = reward_statistics(scorer, sample)
         save_reward_stats(out, mean, std, max_length=training_args.max_length)
-        metrics.update({"reward_mean": mean, "reward_std": std})
+        metrics.update({"reward_mean": mean, "reward_std": std, "eval_dtype": str(scorer.model.dtype).split(".")[-1]})
         if held_out:
             scorer.mean, scorer.std = mean, std  # the statistics just stored
             report = evaluate_pairs(scorer, held_out)

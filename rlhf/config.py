@@ -40,10 +40,12 @@ class DataArguments:
     eval_dataset_split: str = field(default="test", metadata={"help": "Split to read when eval_dataset is on the Hub."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share held out when no eval_dataset is given."})
     max_records: int | None = field(default=None, metadata={"help": "Read at most this many records."})
+    eval_max_records: int | None = field(default=None, metadata={
+        "help": "Read at most this many held-out records from eval_dataset; default: max_records."})
     demo_seed: int = field(default=0, metadata={"help": "Seed of the generated demo task."})
 
     def __post_init__(self):
-        _null_to_none(self, ("eval_dataset", "max_records"))
+        _null_to_none(self, ("eval_dataset", "max_records", "eval_max_records"))
 
 
 @dataclass
@@ -195,7 +197,7 @@ class PPOConfig(TrackingArguments, DataArguments):
     sample_every: int | None = field(default=None, metadata=_help("Deprecated: use num_sample_generations."))
 
     def __post_init__(self):
-        _null_to_none(self, ("eval_dataset", "max_records", "ref_model", "reward_model", "reward_url",
+        _null_to_none(self, ("eval_dataset", "max_records", "eval_max_records", "ref_model", "reward_model", "reward_url",
                              "reward_function", "rewards", "critic_model", "ptx_dataset", "kl_target", "clip_range_high",
                              "local_rollout_forward_batch_size", "critic_max_grad_norm",
                              "attn_implementation"))

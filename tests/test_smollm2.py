@@ -47,8 +47,10 @@ def test_three_stages_run_on_the_real_model_in_bf16(smollm2, tmp_path):
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id  # detail 1
     assert AutoModelForCausalLM.from_pretrained(sft).get_input_embeddings().weight.shape[0] == len(tokenizer)
     ok(accelerate_launch("reward.py", "--config", str(REPO / "configs/demo/reward.yaml"), f"model_name_or_path={sft}",
-                         f"dataset={FIXTURES / 'hh_sample.jsonl.gz'}", f"output_dir={rm}", "eval_fraction=0",
-                         "learning_rate=1e-5", *common))
+                         f"dataset={FIXTURES / 'hh_sample.jsonl.gz'}", f"output_dir={rm}", "learning_rate=1e-5",
+                         f"eval_dataset={FIXTURES / 'hh_sample.jsonl.gz'}", "eval_max_records=3", *common))
+    summary = json.loads((rm / "reward_summary.json").read_text())
+    assert summary["eval/n"] == 3 and summary["eval_dtype"] == "bfloat16"  # held-out capped, scored as trained
     config = json.loads((rm / "config.json").read_text())
     assert config["rlhf_max_length"] == 128 and config["rlhf_reward_std"] > 0
     assert AutoModelForSequenceClassification.from_pretrained(rm).config.pad_token_id == tokenizer.pad_token_id

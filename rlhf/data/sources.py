@@ -26,8 +26,9 @@ def resolve_stage_data(args, kind: str) -> tuple[list[dict], list[dict], list[li
     lines = report.summary_lines()
     if eval_dataset:
         fmt = None if args.dataset == "demo" else args.dataset_format
+        eval_cap = getattr(args, "eval_max_records", None) or args.max_records
         held_out, eval_report = load_records(eval_dataset, fmt, kind, getattr(args, "eval_dataset_split", "test"),
-                                             args.max_records)
+                                             eval_cap)
         lines += eval_report.summary_lines()
     else:
         train, held_out = split_records(train, args.eval_fraction, seed=args.demo_seed)
